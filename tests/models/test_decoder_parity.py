@@ -1,0 +1,114 @@
+"""The Flax decoder is the same function as the transformers PyTorch model (tiny random checkpoints)."""
+
+import numpy as np
+import pytest
+import transformers
+
+import d2l_jax
+from tests.conftest import save_tiny_model, torch_logits
+
+TOL = 1e-4
+
+
+def _ids(batch, length, vocab, seed=0):
+    return np.random.default_rng(seed).integers(0, vocab, (batch, length))
+
+
+def test_logits_match_torch(tiny_llama):
+    model, torch_model = tiny_llama
+    ids = _ids(2, 17, model.config.vocab_size)
+    np.testing.assert_allclose(np.asarray(model.logits(ids)), torch_logits(torch_model, ids), atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_logits_match_torch_with_padding(tiny_llama, side):
+    model, torch_model = tiny_llama
+    ids = _ids(3, 12, model.config.vocab_size, seed=1)
+    lengths = np.array([12, 7, 3])
+    mask = np.zeros_like(ids)
+    for row, n in enumerate(lengths):
+        if side == "right":
+            mask[row, :n] = 1
+        else:
+            mask[row, -n:] = 1
+    ours = np.asarray(model.logits(ids, mask))
+    theirs = torch_logits(torch_model, ids, mask)
+    valid = mask.astype(bool)
+    np.testing.assert_allclose(ours[valid], theirs[valid], atol=TOL, rtol=0)
+    # A padded row equals the same tokens run alone.
+    row = 2
+    alone = ids[row][valid[row]][None]
+    np.testing.assert_allclose(ours[row][valid[row]], np.asarray(model.logits(alone))[0], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(tie_word_embeddings=True),
+        dict(num_key_value_heads=4),
+        dict(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 500.0}),
+        dict(
+            rope_parameters={
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 16,
+                "rope_theta": 10000.0,
+            }
+        ),
+    ],
+    ids=["tied", "mha", "rope-linear", "rope-llama3"],
+)
+def test_llama_variants_match_torch(tmp_path, overrides):
+    torch_model = save_tiny_model(tmp_path, seed=3, **overrides)
+    model = d2l_jax.load_base_model(tmp_path)
+    ids = _ids(2, 40, model.config.vocab_size, seed=2)
+    np.testing.assert_allclose(np.asarray(model.logits(ids)), torch_logits(torch_model, ids), atol=TOL, rtol=0)
+
+
+def test_mistral_sliding_window_matches_torch(tmp_path):
+    torch_model = save_tiny_model(tmp_path, transformers.MistralConfig, seed=4, sliding_window=5)
+    model = d2l_jax.load_base_model(tmp_path)
+    assert model.config.family == "mistral" and model.config.sliding_window == 5
+    ids = _ids(2, 24, model.config.vocab_size, seed=5)
+    np.testing.assert_allclose(np.asarray(model.logits(ids)), torch_logits(torch_model, ids), atol=TOL, rtol=0)
+
+
+def test_hidden_states_match_torch(tiny_llama):
+    import torch
+
+    model, torch_model = tiny_llama
+    ids = _ids(1, 9, model.config.vocab_size, seed=6)
+    out = model.decoder.apply(
+        {"params": model.params}, ids, np.arange(9)[None], np.ones_like(ids), compute_logits=False, return_hidden_states=True
+    )
+    with torch.no_grad():
+        theirs = torch_model(torch.as_tensor(ids), output_hidden_states=True).hidden_states
+    assert out.logits is None
+    assert out.hidden_states.shape == (model.config.num_layers + 1, 1, 9, model.config.hidden_size)
+    for ours, expected in zip(np.asarray(out.hidden_states), theirs, strict=True):
+        np.testing.assert_allclose(ours, expected.numpy(), atol=TOL, rtol=0)
+
+
+def test_logits_at_positions_equal_full_logits(tiny_llama):
+    model, _ = tiny_llama
+    ids = _ids(2, 11, model.config.vocab_size, seed=7)
+    positions = np.array([[0, 4, 10], [3, 3, 9]])
+    full = np.asarray(model.logits(ids))
+    out = model.decoder.apply(
+        {"params": model.params}, ids, np.broadcast_to(np.arange(11), ids.shape), np.ones_like(ids), logit_positions=positions
+    )
+    np.testing.assert_allclose(np.asarray(out.logits), np.take_along_axis(full, positions[..., None], axis=1), atol=1e-5)
+
+
+def test_packed_segments_equal_separate_sequences(tiny_llama):
+    model, _ = tiny_llama
+    first, second = _ids(1, 6, model.config.vocab_size, seed=8), _ids(1, 5, model.config.vocab_size, seed=9)
+    packed = np.concatenate([first, second], axis=1)
+    segments = np.array([[1] * 6 + [2] * 5])
+    positions = np.array([list(range(6)) + list(range(5))])
+    out = model.decoder.apply({"params": model.params}, packed, positions, segments)
+    logits = np.asarray(out.logits)[0]
+    np.testing.assert_allclose(logits[:6], np.asarray(model.logits(first))[0], atol=1e-5)
+    np.testing.assert_allclose(logits[6:], np.asarray(model.logits(second))[0], atol=1e-5)

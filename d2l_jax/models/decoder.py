@@ -63,11 +63,13 @@ class KVCache:
 
 @struct.dataclass
 class DecoderOutput:
-    """logits: ``[B, T or P, V]`` float32 or None; hidden_states: ``[L + 1, B, T, D]`` (Hugging Face
-    convention: embeddings, the output of each layer but the last, then the final-normed output) or
-    None; cache: the updated KVCache or None."""
+    """logits: ``[B, T or P, V]`` float32 or None; last_hidden_state: ``[B, T, D]``, the final-normed
+    output of the last layer; hidden_states: ``[L + 1, B, T, D]`` (Hugging Face convention: embeddings,
+    the output of each layer but the last, then the final-normed output) or None; cache: the updated
+    KVCache or None."""
 
     logits: Any = None
+    last_hidden_state: Any = None
     hidden_states: Any = None
     cache: Any = None
 
@@ -137,6 +139,15 @@ def apply_rope(x: Float[Array, "B T N Dh"], cos, sin):
     half = x.shape[-1] // 2
     rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
     return (x.astype(jnp.float32) * cos + rotated.astype(jnp.float32) * sin).astype(x.dtype)
+
+
+def embed_tokens(config: DecoderConfig, embedding: Float[Array, "V D"], tokens: Int[Array, "B T"]) -> Float[Array, "B T D"]:
+    """Token embeddings in the compute dtype, times the family's embedding multiplier."""
+    dtype = jnp.dtype(config.dtype)
+    x = jnp.take(embedding, tokens, axis=0).astype(dtype)
+    if config.embedding_multiplier != 1.0:
+        x = x * jnp.asarray(config.embedding_multiplier, dtype)
+    return x
 
 
 def attention_mask(
@@ -273,10 +284,7 @@ class Decoder(nn.Module):
             (c.vocab_size, c.hidden_size),
             jnp.float32,
         )
-        x = jnp.take(embedding, tokens, axis=0).astype(dtype)
-        if c.embedding_multiplier != 1.0:
-            x = x * jnp.asarray(c.embedding_multiplier, dtype)
-        x = constrain(x)
+        x = constrain(embed_tokens(c, embedding, tokens))
         cos, sin = rope_tables(c, positions)
 
         t = tokens.shape[1]
@@ -306,9 +314,10 @@ class Decoder(nn.Module):
         x, (layer_inputs, kv) = layers(x, cos, sin, mask, cache_index, lora, kv)
 
         final_norm = RMSNorm(c.rms_norm_eps, c.norm_weight_offset, name="final_norm")
+        last_hidden_state = final_norm(x)  # dropped by XLA when unused
         hidden_states = None
         if return_hidden_states:
-            hidden_states = jnp.concatenate([layer_inputs, final_norm(x)[None]], axis=0)
+            hidden_states = jnp.concatenate([layer_inputs, last_hidden_state[None]], axis=0)
         new_cache = None
         if cache is not None:
             new_cache = KVCache(k=kv[0], v=kv[1], valid=valid, index=cache.index + t)
@@ -327,4 +336,4 @@ class Decoder(nn.Module):
                 logits = jnp.einsum("btd,dv->btv", x, lm_head.astype(dtype), preferred_element_type=jnp.float32)
             if c.final_logit_softcap is not None:
                 logits = jnp.tanh(logits / c.final_logit_softcap) * c.final_logit_softcap
-        return DecoderOutput(logits=logits, hidden_states=hidden_states, cache=new_cache)
+        return DecoderOutput(logits=logits, last_hidden_state=last_hidden_state, hidden_states=hidden_states, cache=new_cache)

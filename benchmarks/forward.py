@@ -3,7 +3,7 @@
 Measures, in one run (every timing is the median of ``--repeats`` runs after one warm-up call):
 
   1. The matmul ceiling: achieved GFLOP/s of a jitted fp32 ``[n, n] @ [n, n]`` in JAX (and, for
-     context, the same matmul in torch).
+     context, the same matmul in torch); at least 10 timed runs, as it is short.
   2. The JAX forward of SmolLM2-135M-Instruct (``d2l_jax.load_base_model``) on one row of ``--tokens``
      random token ids with full logits ``[1, T, V]``: seconds, tokens/s, GFLOP/s from an analytic FLOP
      count, and the share of the matmul ceiling. Also timed without the lm head (logits at the last position only).
@@ -34,6 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
+import transformers
+from transformers import AutoModelForCausalLM
 
 import d2l_jax
 from d2l_jax.models import generate as gen
@@ -42,6 +44,7 @@ from d2l_jax.models.decoder import Decoder
 from d2l_jax.models.families import DecoderConfig
 
 MODEL = "smollm2-135m-instruct"
+MATMUL_MIN_REPEATS = 10  # the ceiling matmul is short (~0.1 s), so it gets at least this many runs
 TORCH_THREADS = 2
 FIRST_ORDINARY_ID = 100  # SmolLM2's special tokens have the lowest ids; random ids start above them
 TARGET = "Target: JAX >= 1.2x PyTorch forward speed and >= 50% of the matmul ceiling."
@@ -52,7 +55,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--tokens", type=int, default=512, help="forward batch / prompt length")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per figure (median reported)")
     parser.add_argument("--new_tokens", type=int, default=64, help="greedy tokens to decode")
-    parser.add_argument("--matmul_size", type=int, default=4096, help="n of the n x n @ n x n ceiling matmul")
+    parser.add_argument("--matmul_size", type=int, default=2048, help="n of the n x n @ n x n ceiling matmul")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args()
 
@@ -126,17 +129,6 @@ def jax_body_seconds(model, ids: np.ndarray, repeats: int) -> float:
     return median_seconds(lambda: jax.block_until_ready(body(model.params)), repeats)
 
 
-def xla_forward_flops(model, ids: np.ndarray) -> float | None:
-    """FLOPs XLA's cost analysis counts for the compiled full-logits forward (None if unavailable)."""
-    tokens = jnp.asarray(ids)
-    mask = jnp.ones_like(tokens)
-    compiled = _logits.lower(model.config, model.params, tokens, mask, None).compile()
-    cost = compiled.cost_analysis()
-    if isinstance(cost, (list, tuple)):
-        cost = cost[0] if cost else None
-    return None if not cost or "flops" not in cost else float(cost["flops"])
-
-
 def jax_generate_seconds(model, ids: np.ndarray, new_tokens: int, repeats: int) -> float:
     """Greedy generation of exactly ``new_tokens`` tokens (the stop id -5 never occurs)."""
     tokens = jnp.asarray(ids)
@@ -167,8 +159,7 @@ def jax_generate_seconds(model, ids: np.ndarray, new_tokens: int, repeats: int) 
 
 
 def load_torch_model():
-    from transformers import AutoModelForCausalLM
-
+    transformers.utils.logging.disable_progress_bar()
     entry = EMBEDDED_MODELS[MODEL]
     directory = importlib.util.find_spec(entry.package).submodule_search_locations[0]
     model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=entry.filename, dtype=torch.float32)
@@ -238,76 +229,88 @@ def print_table(rows: list[tuple[str, str]], header: list[str]) -> None:
     print(TARGET)
 
 
-def main() -> None:
-    args = parse_args()
-    torch.set_num_threads(TORCH_THREADS)
-    n, t, new, reps = args.matmul_size, args.tokens, args.new_tokens, args.repeats
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
-    log = lambda msg: print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+def measure(args: argparse.Namespace) -> dict:
+    """Runs every timing; returns the seconds (and GFLOP/s of the ceiling matmuls) by name."""
+    n, t, new, reps = args.matmul_size, args.tokens, args.new_tokens, args.repeats
+    r = {}
     log(f"matmul ceiling ({n}x{n} @ {n}x{n} fp32)")
-    matmul_flops = 2.0 * n**3
-    jax_matmul = matmul_flops / jax_matmul_seconds(n, reps) / 1e9
-    torch_matmul = matmul_flops / torch_matmul_seconds(n, reps) / 1e9
+    matmul_reps = max(reps, MATMUL_MIN_REPEATS)
+    r["jax_matmul_gflops"] = 2.0 * n**3 / jax_matmul_seconds(n, matmul_reps) / 1e9
+    r["torch_matmul_gflops"] = 2.0 * n**3 / torch_matmul_seconds(n, matmul_reps) / 1e9
 
     log("loading JAX model")
     model = d2l_jax.load_base_model(MODEL)
-    config = model.config
-    ids = random_token_ids(config, t, args.seed)
-    flops = forward_flops(config, t)
-    body_flops = flops - 2.0 * t * config.vocab_size * config.hidden_size
-
+    ids = random_token_ids(model.config, t, args.seed)
+    r["config"] = model.config
     log(f"JAX forward ({t} tokens)")
-    jax_fwd = jax_forward_seconds(model, ids, reps)
-    jax_body = jax_body_seconds(model, ids, reps)
-    xla_flops = xla_forward_flops(model, ids)
-
+    r["jax_forward"] = jax_forward_seconds(model, ids, reps)
+    r["jax_body"] = jax_body_seconds(model, ids, reps)
     log(f"JAX greedy generation ({t}-token prompt, {new} new tokens, and 1 for the prefill)")
-    jax_gen = jax_generate_seconds(model, ids, new, reps)
-    jax_prefill = jax_generate_seconds(model, ids, 1, reps)
+    r["jax_generate"] = jax_generate_seconds(model, ids, new, reps)
+    r["jax_prefill"] = jax_generate_seconds(model, ids, 1, reps)
+    del model
 
     log("loading torch model")
     torch_model = load_torch_model()
     log(f"torch forward ({t} tokens)")
-    torch_fwd = torch_forward_seconds(torch_model, ids, reps)
-    torch_body = torch_body_seconds(torch_model, ids, reps)
+    r["torch_forward"] = torch_forward_seconds(torch_model, ids, reps)
+    r["torch_body"] = torch_body_seconds(torch_model, ids, reps)
     log(f"torch greedy generation ({new} new tokens, and 1 for the prefill)")
-    torch_gen = torch_generate_seconds(torch_model, ids, new, reps)
-    torch_prefill = torch_generate_seconds(torch_model, ids, 1, reps)
+    r["torch_generate"] = torch_generate_seconds(torch_model, ids, new, reps)
+    r["torch_prefill"] = torch_generate_seconds(torch_model, ids, 1, reps)
+    return r
 
-    gflops = lambda f, s: f"{f / s / 1e9:.1f}"
-    rows = [
-        (f"JAX matmul {n}^3 fp32 GFLOP/s (ceiling)", f"{jax_matmul:.1f}"),
-        (f"torch matmul {n}^3 fp32 GFLOP/s", f"{torch_matmul:.1f}"),
+
+def table_rows(r: dict, args: argparse.Namespace) -> list[tuple[str, str]]:
+    """The measurements as (name, formatted value) rows, with the derived rates and ratios."""
+    n, t, new = args.matmul_size, args.tokens, args.new_tokens
+    config = r["config"]
+    flops = forward_flops(config, t)
+    body_flops = flops - 2.0 * t * config.vocab_size * config.hidden_size
+    gflops = lambda f, seconds: f"{f / seconds / 1e9:.1f}"
+    return [
+        (f"JAX matmul {n}^3 fp32 GFLOP/s (ceiling)", f"{r['jax_matmul_gflops']:.1f}"),
+        (f"torch matmul {n}^3 fp32 GFLOP/s", f"{r['torch_matmul_gflops']:.1f}"),
         ("forward analytic GFLOP (full logits)", f"{flops / 1e9:.2f}"),
-        ("forward XLA cost_analysis GFLOP", "n/a" if xla_flops is None else f"{xla_flops / 1e9:.2f}"),
-        ("JAX forward s", f"{jax_fwd:.3f}"),
-        ("JAX forward tokens/s", f"{t / jax_fwd:.0f}"),
-        ("JAX forward GFLOP/s", gflops(flops, jax_fwd)),
-        ("JAX forward % of matmul ceiling", f"{100 * flops / jax_fwd / 1e9 / jax_matmul:.0f}%"),
-        ("JAX forward without lm head s", f"{jax_body:.3f}"),
-        ("JAX forward without lm head GFLOP/s", gflops(body_flops, jax_body)),
-        ("torch forward s", f"{torch_fwd:.3f}"),
-        ("torch forward tokens/s", f"{t / torch_fwd:.0f}"),
-        ("torch forward GFLOP/s", gflops(flops, torch_fwd)),
-        ("torch forward without lm head s", f"{torch_body:.3f}"),
-        ("JAX/torch forward speed ratio", f"{torch_fwd / jax_fwd:.2f}x"),
-        ("JAX/torch forward speed ratio without lm head", f"{torch_body / jax_body:.2f}x"),
-        (f"JAX generate {new} tokens s (incl. prefill)", f"{jax_gen:.3f}"),
-        ("JAX generate tokens/s (incl. prefill)", f"{new / jax_gen:.1f}"),
-        ("JAX decode tokens/s (prefill subtracted)", f"{decode_rate(jax_gen, jax_prefill, new):.1f}"),
-        (f"torch generate {new} tokens s (incl. prefill)", f"{torch_gen:.3f}"),
-        ("torch generate tokens/s (incl. prefill)", f"{new / torch_gen:.1f}"),
-        ("torch decode tokens/s (prefill subtracted)", f"{decode_rate(torch_gen, torch_prefill, new):.1f}"),
-        ("JAX/torch generate speed ratio", f"{torch_gen / jax_gen:.2f}x"),
+        ("JAX forward s", f"{r['jax_forward']:.3f}"),
+        ("JAX forward tokens/s", f"{t / r['jax_forward']:.0f}"),
+        ("JAX forward GFLOP/s", gflops(flops, r["jax_forward"])),
+        ("JAX forward % of matmul ceiling", f"{100 * flops / r['jax_forward'] / 1e9 / r['jax_matmul_gflops']:.0f}%"),
+        ("JAX forward without lm head s", f"{r['jax_body']:.3f}"),
+        ("JAX forward without lm head GFLOP/s", gflops(body_flops, r["jax_body"])),
+        ("torch forward s", f"{r['torch_forward']:.3f}"),
+        ("torch forward tokens/s", f"{t / r['torch_forward']:.0f}"),
+        ("torch forward GFLOP/s", gflops(flops, r["torch_forward"])),
+        ("torch forward without lm head s", f"{r['torch_body']:.3f}"),
+        ("JAX/torch forward speed ratio", f"{r['torch_forward'] / r['jax_forward']:.2f}x"),
+        ("JAX/torch forward speed ratio without lm head", f"{r['torch_body'] / r['jax_body']:.2f}x"),
+        (f"JAX generate {new} tokens s (incl. prefill)", f"{r['jax_generate']:.3f}"),
+        ("JAX generate tokens/s (incl. prefill)", f"{new / r['jax_generate']:.1f}"),
+        ("JAX decode tokens/s (prefill subtracted)", f"{decode_rate(r['jax_generate'], r['jax_prefill'], new):.1f}"),
+        (f"torch generate {new} tokens s (incl. prefill)", f"{r['torch_generate']:.3f}"),
+        ("torch generate tokens/s (incl. prefill)", f"{new / r['torch_generate']:.1f}"),
+        ("torch decode tokens/s (prefill subtracted)", f"{decode_rate(r['torch_generate'], r['torch_prefill'], new):.1f}"),
+        ("JAX/torch generate speed ratio", f"{r['torch_generate'] / r['jax_generate']:.2f}x"),
     ]
-    import transformers
 
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(TORCH_THREADS)
+    load_before = os.getloadavg()[0]
+    results = measure(args)
     header = [
-        f"SmolLM2-135M-Instruct fp32, batch 1, {t} tokens, median of {reps} after warm-up; "
+        f"SmolLM2-135M-Instruct fp32, batch 1, {args.tokens} tokens, median of {args.repeats} after warm-up; "
         f"{os.cpu_count()} CPUs, torch threads {TORCH_THREADS}",
         f"jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__}, transformers {transformers.__version__}",
+        f"1-minute load average before: {load_before:.2f}, after: {os.getloadavg()[0]:.2f} "
+        "(other processes on the machine skew every figure)",
     ]
-    print_table(rows, header)
+    print_table(table_rows(results, args), header)
 
 
 if __name__ == "__main__":

@@ -93,11 +93,12 @@ class Linear(nn.Module):
     features: int
     axes: tuple[str, str]
     dtype: Any = jnp.float32
+    kernel_init: Any = _KERNEL_INIT
 
     @nn.compact
     def __call__(self, x, lora: tuple[jax.Array, jax.Array] | None = None, alpha: float = 1.0):
         kernel = self.param(
-            "kernel", nn.with_logical_partitioning(_KERNEL_INIT, self.axes), (x.shape[-1], self.features), jnp.float32
+            "kernel", nn.with_logical_partitioning(self.kernel_init, self.axes), (x.shape[-1], self.features), jnp.float32
         )
         y = jnp.einsum("...d,df->...f", x.astype(self.dtype), kernel.astype(self.dtype))
         if lora is not None:

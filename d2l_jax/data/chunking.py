@@ -1,0 +1,45 @@
+"""Documents as chat-templated token ids, and their split into chunks that each look like a user turn."""
+
+from __future__ import annotations
+
+import math
+
+_SENTINEL = "\u2063D2L-DOCUMENT\u2063"
+
+
+def document_affixes(tokenizer) -> tuple[list[int], list[int]]:
+    """Token ids before and after a document placed as the user turn after an empty system turn,
+    ending with the generation prompt (the reference's context format), from the tokenizer's template."""
+    messages = [{"role": "system", "content": ""}, {"role": "user", "content": _SENTINEL}]
+    try:
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    except Exception:  # templates without a system role (e.g. Gemma's) raise
+        text = tokenizer.apply_chat_template(messages[1:], add_generation_prompt=True, tokenize=False)
+    if text.count(_SENTINEL) != 1:
+        raise ValueError("the chat template does not place the user message verbatim; cannot derive document affixes")
+    prefix, suffix = text.split(_SENTINEL)
+    encode = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]
+    return encode(prefix), encode(suffix)
+
+
+def tokenize_document(tokenizer, document: str, affixes: tuple[list[int], list[int]]) -> list[int]:
+    """The templated token ids of one document. Raises TypeError / ValueError for non-text or empty text."""
+    if not isinstance(document, str):
+        raise TypeError(f"a document must be a str, got {type(document).__name__}")
+    if not document.strip():
+        raise ValueError("the document is empty")
+    prefix, suffix = affixes
+    return prefix + tokenizer(document.strip(), add_special_tokens=False)["input_ids"] + suffix
+
+
+def split_into_chunks(ids: list[int], affixes: tuple[list[int], list[int]], max_chunk_len: int) -> list[list[int]]:
+    """Splits templated ids into ``ceil(len / max_chunk_len)`` contiguous pieces of equal length (the
+    last may be shorter) and re-wraps them: the first gets the suffix, middle ones prefix and suffix,
+    the last the prefix, so each chunk is a complete user turn."""
+    pieces = math.ceil(len(ids) / max_chunk_len)
+    if pieces <= 1:
+        return [list(ids)]
+    size = math.ceil(len(ids) / pieces)
+    prefix, suffix = affixes
+    chunks = [list(ids[i : i + size]) for i in range(0, len(ids), size)]
+    return [(prefix if i else []) + c + (suffix if i < len(chunks) - 1 else []) for i, c in enumerate(chunks)]

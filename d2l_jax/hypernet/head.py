@@ -1,0 +1,124 @@
+"""The HyperLoRA head: Perceiver latents -> per-chunk LoRA weights for every layer and target module.
+
+Latents ``[C, L, M, r, H]`` go through ResMLP blocks (per-layer weights by default), are L2-normalised
+over H, and a per-layer linear head maps each to ``d_in + d_out`` of its module: one rank row of A and
+one of B. ``scaler_A`` (ones) and ``scaler_B`` (zeros) scale them per layer and rank, so a fresh
+hypernetwork generates ``B = 0``; the learned "bias LoRA" (``bias_A``, ``bias_B``, B zero at init) is
+appended to every document's adapter when combining.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float
+
+from d2l_jax.hypernet.config import HypernetConfig
+from d2l_jax.hypernet.perceiver import TORCH_LINEAR_INIT
+from d2l_jax.models.families import DecoderConfig
+
+
+def _uniform(bound: float):
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+def _param(module: nn.Module, name: str, init, shape, axes):
+    return module.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.float32)
+
+
+class ResMLPPerLayer(nn.Module):
+    """``x + LN(Mix2(SiLU(Mix1(LN(x)))))`` with per-layer Mix weights (einops EinMix initialisation)."""
+
+    num_layers: int
+    dtype: str = "float32"
+
+    @nn.compact
+    def __call__(self, x: Float[Array, "C L M R H"]):
+        width = x.shape[-1]
+        hidden = 4 * width
+        dtype = jnp.dtype(self.dtype)
+        w1 = _param(self, "mix1_kernel", _uniform(math.sqrt(3 / width)), (self.num_layers, width, hidden), ("layers", "latent", "latent_mlp"))
+        b1 = _param(self, "mix1_bias", _uniform(math.sqrt(1 / width)), (self.num_layers, hidden), ("layers", "latent_mlp"))
+        w2 = _param(self, "mix2_kernel", _uniform(math.sqrt(3 / hidden)), (self.num_layers, hidden, width), ("layers", "latent_mlp", "latent"))
+        b2 = _param(self, "mix2_bias", _uniform(math.sqrt(1 / hidden)), (self.num_layers, width), ("layers", "latent"))
+        h = nn.LayerNorm(epsilon=1e-5, name="norm_in")(x)
+        h = jnp.einsum("clmrh,lhk->clmrk", h.astype(dtype), w1.astype(dtype)) + b1[None, :, None, None, :]
+        h = jnp.einsum("clmrk,lkh->clmrh", jax.nn.silu(h).astype(dtype), w2.astype(dtype)) + b2[None, :, None, None, :]
+        return x + nn.LayerNorm(epsilon=1e-5, name="norm_out")(h).astype(x.dtype)
+
+
+class ResMLPShared(nn.Module):
+    """``x + LN(Linear(SiLU(Linear(LN(x)))))`` shared by all layers (PyTorch nn.Linear with bias)."""
+
+    dtype: str = "float32"
+
+    @nn.compact
+    def __call__(self, x):
+        width = x.shape[-1]
+        dtype = jnp.dtype(self.dtype)
+        dense = lambda n, fan_in, name: nn.Dense(
+            n, dtype=dtype, kernel_init=TORCH_LINEAR_INIT, bias_init=_uniform(1 / math.sqrt(fan_in)), name=name
+        )
+        h = nn.LayerNorm(epsilon=1e-5, name="norm_in")(x)
+        h = dense(width, 4 * width, "linear2")(jax.nn.silu(dense(4 * width, width, "linear1")(h)))
+        return x + nn.LayerNorm(epsilon=1e-5, name="norm_out")(h).astype(x.dtype)
+
+
+def l2_normalize(x, eps: float):
+    """``x / max(||x||, eps)`` over the last axis: the reference's ``x / ||x||`` except at the zero vector."""
+    norm = jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.float32)), axis=-1, keepdims=True))
+    return x / jnp.maximum(norm, eps)
+
+
+class LoRAHead(nn.Module):
+    """Latents ``[C, L, M, r, H]`` -> ``(A, B)``: module -> ``[C, L, r, d_in]`` / ``[C, L, r, d_out]``.
+
+    Also owns the bias LoRA (``bias_A_<module>`` ``[L, r, d_in]``, ``bias_B_<module>`` ``[L, r, d_out]``),
+    read by :func:`bias_lora`.
+    """
+
+    config: HypernetConfig
+    base: DecoderConfig
+
+    @nn.compact
+    def __call__(self, latents: Float[Array, "C L M R H"]):
+        c, base = self.config, self.base
+        num_layers, rank, width = base.num_layers, c.lora_rank, c.latent_size
+        modules = c.target_modules
+        shapes = base.projection_shapes()
+        d_lora = max(sum(shapes[m]) for m in modules)
+        x = latents
+        for i in range(c.num_pre_head_layers):
+            block = ResMLPPerLayer(num_layers, c.dtype, name=f"pre_head_{i}") if c.per_layer_processing else ResMLPShared(c.dtype, name=f"pre_head_{i}")
+            x = block(x)
+        x = l2_normalize(x, c.l2_eps)
+        head_init = nn.initializers.normal(0.5 / math.sqrt(width + d_lora * rank))
+        dtype = jnp.dtype(c.dtype)
+        if len(modules) == 1:
+            kernel = _param(self, "head", head_init, (num_layers, width, d_lora), ("layers", "latent", "lora"))
+            flat = jnp.einsum("clmrh,lhd->clmrd", x.astype(dtype), kernel.astype(dtype))
+        else:
+            kernel = _param(self, "head", head_init, (num_layers, len(modules), width, d_lora), ("layers", "modules", "latent", "lora"))
+            flat = jnp.einsum("clmrh,lmhd->clmrd", x.astype(dtype), kernel.astype(dtype))
+        flat = flat.astype(jnp.float32)
+        lora_a, lora_b = {}, {}
+        for i, module in enumerate(modules):
+            d_in, d_out = shapes[module]
+            scaler_a = _param(self, f"scaler_A_{module}", nn.initializers.ones, (num_layers, rank), ("layers", "rank"))
+            scaler_b = _param(self, f"scaler_B_{module}", nn.initializers.zeros, (num_layers, rank), ("layers", "rank"))
+            _param(self, f"bias_A_{module}", nn.initializers.normal(0.2 / math.sqrt(d_in * rank)), (num_layers, rank, d_in), ("layers", "rank", "lora"))
+            _param(self, f"bias_B_{module}", nn.initializers.zeros, (num_layers, rank, d_out), ("layers", "rank", "lora"))
+            lora_a[module] = flat[:, :, i, :, :d_in] * scaler_a[None, :, :, None]
+            lora_b[module] = flat[:, :, i, :, d_in : d_in + d_out] * scaler_b[None, :, :, None]
+        return lora_a, lora_b
+
+
+def bias_lora(head_params: dict, modules: tuple[str, ...]) -> tuple[dict, dict]:
+    """The bias LoRA from the head's parameters: module -> ``[L, r, d_in]`` and ``[L, r, d_out]``."""
+    return {m: head_params[f"bias_A_{m}"] for m in modules}, {m: head_params[f"bias_B_{m}"] for m in modules}

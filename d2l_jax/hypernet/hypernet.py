@@ -1,0 +1,124 @@
+"""Document chunks -> per-chunk LoRAs -> one adapter per document, as pure functions of the parameters.
+
+Hypernetwork parameters are ``{"perceiver": ..., "head": ...}`` (see ``perceiver.py`` and ``head.py``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int
+
+from d2l_jax.hypernet.combine import combine_chunk_adapters
+from d2l_jax.hypernet.config import HypernetConfig
+from d2l_jax.hypernet.encoder import context_features
+from d2l_jax.hypernet.head import LoRAHead, bias_lora
+from d2l_jax.hypernet.perceiver import Perceiver
+from d2l_jax.models.families import DecoderConfig
+from d2l_jax.models.lora import LoRA
+
+
+def _modules(config: HypernetConfig, base: DecoderConfig) -> tuple[Perceiver, LoRAHead]:
+    per_layer_outputs = len(config.target_modules) * config.lora_rank
+    num_outputs = per_layer_outputs if config.layer_to_layer else base.num_layers * per_layer_outputs
+    return Perceiver(config, num_outputs), LoRAHead(config, base)
+
+
+def init_hypernet(config: HypernetConfig, base: DecoderConfig, key) -> dict:
+    """Freshly initialised hypernetwork parameters, boxed with logical axis names (``nn.Partitioned``)."""
+    config.check_base(base)
+    perceiver, head = _modules(config, base)
+    perceiver_key, head_key = jax.random.split(key)
+    features = jnp.zeros((1, 1, base.hidden_size), jnp.float32)
+    latents = jnp.zeros((1, base.num_layers, len(config.target_modules), config.lora_rank, config.latent_size))
+    return {
+        "perceiver": perceiver.init(perceiver_key, features, jnp.ones((1, 1), bool))["params"],
+        "head": head.init(head_key, latents)["params"],
+    }
+
+
+def param_count(params) -> int:
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(nn.unbox(params)))
+
+
+def layer_latents(config: HypernetConfig, base: DecoderConfig, params: dict, features, mask: Int[Array, "C T"]):
+    """Perceiver latents ``[C, L, M, r, H]`` of the chunks.
+
+    ``features`` are ``[L, C, T, F]`` in layer-to-layer mode (one Perceiver, shared by all layers, maps
+    layer l's features to layer l's latents) and ``[C, T, F]`` otherwise (one Perceiver call emits the
+    latents of every layer). In ``iterative`` mode the layers go through the Perceiver one at a time.
+    """
+    perceiver, _ = _modules(config, base)
+    mask = mask.astype(bool)
+    run = lambda f, m: perceiver.apply({"params": params["perceiver"]}, f, m)
+    num_layers, modules, rank = base.num_layers, len(config.target_modules), config.lora_rank
+    if not config.layer_to_layer:
+        return run(features, mask).reshape(features.shape[0], num_layers, modules, rank, -1)
+    _, chunks, length, width = features.shape
+    if config.iterative:
+        latents = jax.lax.map(lambda f: run(f, mask), features)
+    else:
+        layer_major_mask = jnp.broadcast_to(mask, (num_layers, chunks, length)).reshape(-1, length)
+        latents = run(features.reshape(num_layers * chunks, length, width), layer_major_mask)
+    return latents.reshape(num_layers, chunks, modules, rank, -1).transpose(1, 0, 2, 3, 4)
+
+
+def chunk_adapters(
+    config: HypernetConfig, base: DecoderConfig, params: dict, features, mask: Int[Array, "C T"]
+) -> tuple[dict, dict]:
+    """Per-chunk LoRAs: module -> A ``[C, L, r, d_in]`` and B ``[C, L, r, d_out]`` (float32)."""
+    _, head = _modules(config, base)
+    return head.apply({"params": params["head"]}, layer_latents(config, base, params, features, mask))
+
+
+def encode_chunks(
+    config: HypernetConfig, base: DecoderConfig, base_params: dict, params: dict, tokens: Int[Array, "C T"], mask: Int[Array, "C T"]
+) -> tuple[dict, dict]:
+    """Chunk token ids -> per-chunk LoRAs, ``chunk_group_size`` chunks at a time when there are more."""
+
+    def one_group(group):
+        group_tokens, group_mask = group
+        features = context_features(config, base, base_params, group_tokens, group_mask)
+        return chunk_adapters(config, base, params, features, group_mask)
+
+    chunks = tokens.shape[0]
+    size = config.chunk_group_size
+    if chunks <= size:
+        return one_group((tokens, mask))
+    if chunks % size:
+        raise ValueError(f"{chunks} chunks is not a multiple of chunk_group_size={size}")
+    grouped = jax.lax.map(one_group, (tokens.reshape(-1, size, tokens.shape[1]), mask.reshape(-1, size, mask.shape[1])))
+    return jax.tree.map(lambda x: x.reshape(chunks, *x.shape[2:]), grouped)
+
+
+def document_adapters(
+    config: HypernetConfig,
+    base: DecoderConfig,
+    base_params: dict,
+    params: dict,
+    tokens: Int[Array, "C T"],
+    mask: Int[Array, "C T"],
+    chunk_document: Int[Array, "C"],
+    chunk_slot: Int[Array, "C"],
+    num_chunks: Int[Array, "G"],
+    scalers: Float[Array, "G"] | None = None,
+    bias_scaler=1.0,
+) -> LoRA:
+    """The whole path from chunk ids to one combined adapter per document (see ``combine_chunk_adapters``)."""
+    chunk_a, chunk_b = encode_chunks(config, base, base_params, params, tokens, mask)
+    bias = bias_lora(params["head"], config.target_modules) if config.use_bias else None
+    return combine_chunk_adapters(
+        chunk_a,
+        chunk_b,
+        chunk_document,
+        chunk_slot,
+        num_chunks,
+        bias,
+        max_chunks=config.max_chunks,
+        alpha=config.alpha,
+        scalers=scalers,
+        bias_scaler=bias_scaler,
+    )

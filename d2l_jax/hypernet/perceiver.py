@@ -1,0 +1,114 @@
+"""The Perceiver aggregator: context features -> a fixed number of latent vectors.
+
+The reference's variant of the Idefics2 resampler: a SwiGLU modality projection F -> 4F -> H, an encoder
+of cross-attention layers whose keys and values come from the context only (never the latents),
+non-causal and padding-masked, then a decoder that cross-attends from the output queries to the encoder
+latents. Layers use a post-norm "sandwich" of RMSNorms. Linear layers have PyTorch's default
+initialisation, U(+-1/sqrt(fan_in)), and the learned queries are N(0, 1).
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float
+
+from d2l_jax.hypernet.config import HypernetConfig
+from d2l_jax.models.decoder import Linear, RMSNorm, attend
+
+TORCH_LINEAR_INIT = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
+
+
+class SwiGLU(nn.Module):
+    """``down(silu(gate(x)) * up(x))`` without biases."""
+
+    hidden: int
+    features: int
+    axes: tuple[str, str, str]  # logical names of the input, hidden and output widths
+    dtype: str = "float32"
+
+    @nn.compact
+    def __call__(self, x):
+        d_in, d_hidden, d_out = self.axes
+        dense = lambda n, axes, name: Linear(n, axes, jnp.dtype(self.dtype), TORCH_LINEAR_INIT, name=name)
+        gate = dense(self.hidden, (d_in, d_hidden), "gate_proj")(x)
+        up = dense(self.hidden, (d_in, d_hidden), "up_proj")(x)
+        return dense(self.features, (d_hidden, d_out), "down_proj")(jax.nn.silu(gate) * up)
+
+
+class CrossAttentionLayer(nn.Module):
+    """Latents attend to the context (keys/values from the context only), then a SwiGLU MLP."""
+
+    config: HypernetConfig
+
+    @nn.compact
+    def __call__(self, latents: Float[Array, "N Q H"], context: Float[Array, "N S H"], mask: Bool[Array, "N S"]):
+        c = self.config
+        dtype = jnp.dtype(c.dtype)
+        norm = lambda name: RMSNorm(c.rms_norm_eps, name=name)
+        dense = lambda n, axes, name: Linear(n, axes, dtype, TORCH_LINEAR_INIT, name=name)
+        n, q_len, _ = latents.shape
+        s_len = context.shape[1]
+        latents_n = norm("input_latents_norm")(latents)
+        context_n = norm("input_context_norm")(context)
+        q = dense(c.num_heads * c.head_dim, ("latent", "latent_heads"), "q_proj")(latents_n)
+        k = dense(c.num_kv_heads * c.head_dim, ("latent", "latent_kv"), "k_proj")(context_n)
+        v = dense(c.num_kv_heads * c.head_dim, ("latent", "latent_kv"), "v_proj")(context_n)
+        q = q.reshape(n, q_len, c.num_heads, c.head_dim) * jnp.asarray(c.head_dim**-0.5, dtype)
+        k = k.reshape(n, s_len, c.num_kv_heads, c.head_dim)
+        v = v.reshape(n, s_len, c.num_kv_heads, c.head_dim)
+        attn_mask = jnp.broadcast_to(mask[:, None, :], (n, q_len, s_len))
+        out = dense(c.latent_size, ("latent_heads", "latent"), "o_proj")(attend(q, k, v, attn_mask))
+        latents = latents + norm("post_attention_norm")(out)
+        hidden = c.intermediate_factor * c.latent_size
+        mlp = SwiGLU(hidden, c.latent_size, ("latent", "latent_mlp", "latent"), c.dtype, name="mlp")
+        latents = latents + norm("post_ff_norm")(mlp(norm("pre_ff_norm")(latents)))
+        return latents, None
+
+
+class Resampler(nn.Module):
+    """``num_layers`` cross-attention layers from ``num_queries`` learned queries, then an RMSNorm."""
+
+    config: HypernetConfig
+    num_queries: int
+    num_layers: int
+
+    @nn.compact
+    def __call__(self, context: Float[Array, "N S H"], mask: Bool[Array, "N S"]) -> Float[Array, "N Q H"]:
+        c = self.config
+        queries = self.param(
+            "latents_q",
+            nn.with_logical_partitioning(nn.initializers.normal(1.0), ("latent_queries", "latent")),
+            (self.num_queries, c.latent_size),
+            jnp.float32,
+        )
+        latents = jnp.broadcast_to(queries, (context.shape[0], *queries.shape))
+        layers = nn.scan(
+            CrossAttentionLayer,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=(nn.broadcast, nn.broadcast),
+            length=self.num_layers,
+            metadata_params={nn.PARTITION_NAME: "blocks"},
+        )(c, name="layers")
+        latents, _ = layers(latents, context, mask)
+        return RMSNorm(c.rms_norm_eps, name="norm")(latents)
+
+
+class Perceiver(nn.Module):
+    """Features ``[N, T, F]`` (padding where ``mask`` is False) -> latents ``[N, num_outputs, H]`` (float32)."""
+
+    config: HypernetConfig
+    num_outputs: int
+
+    @nn.compact
+    def __call__(self, features: Float[Array, "N T F"], mask: Bool[Array, "N T"]) -> Float[Array, "N Q H"]:
+        c = self.config
+        hidden = c.intermediate_factor * features.shape[-1]
+        projection = SwiGLU(hidden, c.latent_size, ("feature", "feature_mlp", "latent"), c.dtype, name="modality_projection")
+        context = projection(features)
+        latents = Resampler(c, c.n_latent_queries, c.num_blocks, name="encoder")(context, mask)
+        every = jnp.ones(latents.shape[:2], bool)
+        latents = Resampler(c, self.num_outputs, 1, name="decoder")(latents, every)
+        return latents.astype(jnp.float32)

@@ -97,7 +97,12 @@ class D2L:
         ``scaler`` multiplies the chunk adapters' A (a linear scale of the update); ``bias_scaler`` both
         factors of the bias LoRA.
         """
-        documents = [document] if isinstance(document, str) else list(document)
+        if isinstance(document, str):
+            documents = [document]
+        elif isinstance(document, (list, tuple)):
+            documents = list(document)
+        else:
+            raise TypeError(f"document must be a str or a list of str, got {type(document).__name__}")
         if not documents:
             raise ValueError("no documents given")
         split = [self.document_chunks(d) for d in documents]

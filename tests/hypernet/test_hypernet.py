@@ -1,0 +1,230 @@
+"""The hypernetwork: reference shapes and counts, identity at init, combining, batching, invariances."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import linen as nn
+
+import d2l_jax
+from d2l_jax.hypernet import hypernet as hn
+from d2l_jax.hypernet.encoder import context_features
+from d2l_jax.models.base_model import BaseModel
+from d2l_jax.models.decoder import Decoder
+from d2l_jax.models.families import DecoderConfig
+from d2l_jax.models.lora import LoRA
+
+TINY_BASE = DecoderConfig(
+    vocab_size=49152, hidden_size=64, intermediate_size=96, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=512
+)
+TINY_HYPER = d2l_jax.HypernetConfig(
+    latent_size=32,
+    n_latent_queries=4,
+    num_blocks=2,
+    num_heads=4,
+    head_dim=8,
+    num_kv_heads=2,
+    lora_rank=2,
+    target_modules=("q_proj", "down_proj"),
+    max_chunk_len=24,
+    max_chunks=6,
+    chunk_group_size=2,
+)
+DOCS = [
+    "The vault code is 4817 and the vault is in Lisbon, near the river.",
+    "Marie planted tulips in March. They bloomed red and yellow in late April, " * 3,
+]
+
+
+def gemma2_2b_shapes():
+    return DecoderConfig(vocab_size=256000, hidden_size=2304, intermediate_size=9216, num_layers=26, num_heads=8, num_kv_heads=4, head_dim=256)
+
+
+def abstract_count(config, base):
+    return hn.param_count(jax.eval_shape(lambda: hn.init_hypernet(config, base, jax.random.key(0))))
+
+
+@pytest.mark.parametrize(
+    "base, config, expected",
+    [
+        (gemma2_2b_shapes(), d2l_jax.HypernetConfig(), 315_237_792),
+        ("smollm2", d2l_jax.HypernetConfig(), 157_481_440),
+        ("smollm2", d2l_jax.HypernetConfig.niah(early_exit_layer=7), 151_932_896),
+    ],
+    ids=["gemma2-2b-main", "smollm2-main", "smollm2-niah"],
+)
+def test_parameter_counts_match_reference(base, config, expected, request):
+    if base == "smollm2":
+        base = request.getfixturevalue("smollm2").config
+    assert abstract_count(config, base) == expected
+
+
+def test_gemma2_main_shapes_match_reference():
+    shapes = nn.unbox(jax.eval_shape(lambda: hn.init_hypernet(d2l_jax.HypernetConfig(), gemma2_2b_shapes(), jax.random.key(0))))
+    head, perceiver = shapes["head"], shapes["perceiver"]
+    assert head["head"].shape == (26, 512, 11520)
+    assert head["pre_head_0"]["mix1_kernel"].shape == (26, 512, 2048)
+    assert head["bias_A_down_proj"].shape == (26, 8, 9216) and head["bias_B_down_proj"].shape == (26, 8, 2304)
+    assert perceiver["modality_projection"]["gate_proj"]["kernel"].shape == (2304, 9216)
+    assert perceiver["encoder"]["layers"]["q_proj"]["kernel"].shape == (9, 512, 2048)
+    assert perceiver["encoder"]["latents_q"].shape == (8, 512) and perceiver["decoder"]["latents_q"].shape == (8, 512)
+
+
+@pytest.fixture(scope="module")
+def tiny_base(smollm2):
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    params = nn.unbox(Decoder(TINY_BASE).init(jax.random.key(1), tokens, tokens, tokens + 1))["params"]
+    return BaseModel("tiny", TINY_BASE, params, smollm2.tokenizer, smollm2.stop_token_ids)
+
+
+def randomized(d2l, seed=0):
+    """Makes B non-zero: random scaler_B and bias_B (a fresh hypernetwork generates B = 0)."""
+    params = jax.tree.map(lambda x: x, d2l.params)
+    key = jax.random.key(seed)
+    for name in list(params["head"]):
+        if name.startswith(("scaler_B", "bias_B")):
+            key, sub = jax.random.split(key)
+            params["head"][name] = jax.random.normal(sub, params["head"][name].shape)
+    return d2l_jax.D2L(d2l.base, d2l.config, params)
+
+
+@pytest.fixture(scope="module")
+def tiny_d2l(tiny_base):
+    return randomized(d2l_jax.D2L.create(tiny_base, TINY_HYPER, seed=0))
+
+
+def dense_delta(a, b, alpha):
+    return alpha * jnp.einsum("lrd,lro->ldo", a, b)
+
+
+def test_fresh_hypernet_leaves_base_unchanged(tiny_base):
+    d2l = d2l_jax.D2L.create(tiny_base, TINY_HYPER, seed=3)
+    adapter = d2l.internalize(DOCS[1])
+    assert adapter.num_chunks > 1
+    ids = tiny_base.chat_ids([{"role": "user", "content": "Where is the vault?"}])
+    np.testing.assert_array_equal(np.asarray(d2l.logits([ids])), np.asarray(tiny_base.logits([ids])))
+
+
+def test_combined_update_is_sum_of_chunk_updates_plus_bias(tiny_d2l):
+    d2l, config = tiny_d2l, tiny_d2l.config
+    chunks, _ = d2l.document_chunks(DOCS[1])
+    assert len(chunks) == 3
+    adapter = d2l.internalize(DOCS[1], scaler=0.7, bias_scaler=1.3)
+    assert adapter.rank == 4 * config.lora_rank
+    for module in config.target_modules:
+        expected = 0.0
+        for chunk in chunks:
+            ids, mask = np.array([chunk]), np.ones((1, len(chunk)), np.int32)
+            a, b = hn.encode_chunks(config, d2l.base.config, d2l.base.params, d2l.params, ids, mask)
+            expected = expected + dense_delta(0.7 * a[module][0], b[module][0], config.alpha)
+        bias_a, bias_b = d2l.params["head"][f"bias_A_{module}"], d2l.params["head"][f"bias_B_{module}"]
+        expected = expected + dense_delta(1.3 * bias_a, 1.3 * bias_b, config.alpha)
+        got = dense_delta(adapter.A[module][0], adapter.B[module][0], config.alpha)
+        assert float(jnp.abs(expected).max()) > 1e-3
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_batch_of_documents_equals_one_at_a_time(tiny_d2l):
+    batched = tiny_d2l.internalize(DOCS)
+    assert tiny_d2l.adapter is batched[-1]
+    for doc, together in zip(DOCS, batched):
+        alone = tiny_d2l.internalize(doc)
+        assert (alone.rank, alone.num_chunks, alone.num_tokens) == (together.rank, together.num_chunks, together.num_tokens)
+        for module in tiny_d2l.config.target_modules:
+            for x, y in ((alone.A, together.A), (alone.B, together.B)):
+                np.testing.assert_allclose(x[module][:, :, : alone.rank], y[module][:, :, : alone.rank], atol=1e-5)
+                assert not np.asarray(y[module][:, :, alone.rank :]).any()
+
+
+def test_padding_does_not_change_a_chunk(tiny_d2l):
+    d2l = tiny_d2l
+    chunk = d2l.document_chunks(DOCS[0])[0][0]
+    n = len(chunk)
+    padded = np.zeros((1, n + 9), np.int32)
+    padded[0, :n] = chunk
+    mask = (np.arange(n + 9) < n)[None].astype(np.int32)
+    exact = hn.encode_chunks(d2l.config, d2l.base.config, d2l.base.params, d2l.params, np.array([chunk]), np.ones((1, n), np.int32))
+    pad = hn.encode_chunks(d2l.config, d2l.base.config, d2l.base.params, d2l.params, padded, mask)
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-5), exact, pad)
+
+
+@pytest.mark.parametrize("encoder_type", ["per_layer_activations", "early_exit"])
+def test_iterative_mode_equals_batched_mode(tiny_d2l, encoder_type):
+    config = tiny_d2l.config.replace(encoder_type=encoder_type)
+    params = nn.unbox(hn.init_hypernet(config, tiny_d2l.base.config, jax.random.key(5)))
+    batched = d2l_jax.D2L(tiny_d2l.base, config, params).internalize(DOCS[1])
+    iterative = d2l_jax.D2L(tiny_d2l.base, config.replace(iterative=True), params).internalize(DOCS[1])
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-5), batched.lora, iterative.lora)
+
+
+def test_layer_permutation_permutes_latents(tiny_d2l):
+    d2l = tiny_d2l
+    features = jax.random.normal(jax.random.key(2), (TINY_BASE.num_layers, 2, 10, TINY_BASE.hidden_size))
+    mask = np.ones((2, 10), np.int32)
+    perm = np.array([2, 0, 3, 1])
+    latents = hn.layer_latents(d2l.config, d2l.base.config, d2l.params, features, mask)
+    permuted = hn.layer_latents(d2l.config, d2l.base.config, d2l.params, features[perm], mask)
+    np.testing.assert_allclose(permuted, latents[:, perm], atol=1e-5)
+
+
+def test_chunk_groups_equal_one_pass(tiny_d2l):
+    config = tiny_d2l.config
+    chunks, _ = tiny_d2l.document_chunks(DOCS[1] * 2)
+    length = max(map(len, chunks))
+    tokens = np.zeros((4, length), np.int32)
+    mask = np.zeros((4, length), np.int32)
+    for i, c in enumerate(chunks[:4]):
+        tokens[i, : len(c)], mask[i, : len(c)] = c, 1
+    args = (tiny_d2l.base.config, tiny_d2l.base.params, tiny_d2l.params, tokens, mask)
+    grouped = hn.encode_chunks(config.replace(chunk_group_size=2), *args)
+    at_once = hn.encode_chunks(config.replace(chunk_group_size=4), *args)
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-5), grouped, at_once)
+
+
+def test_rows_with_different_adapters_equal_each_alone(tiny_d2l):
+    adapters = tiny_d2l.internalize(DOCS)
+    rank = max(a.lora.A["down_proj"].shape[2] for a in adapters)
+    pad = lambda x: jnp.pad(x, ((0, 0), (0, 0), (0, rank - x.shape[2]), (0, 0)))
+    stacked = LoRA(
+        A={m: jnp.concatenate([pad(a.A[m]) for a in adapters]) for m in adapters[0].A},
+        B={m: jnp.concatenate([pad(a.B[m]) for a in adapters]) for m in adapters[0].B},
+        alpha=adapters[0].lora.alpha,
+    )
+    ids = np.array([tiny_d2l.base.chat_ids([{"role": "user", "content": "Where is it?"}])] * 2)
+    batched = np.asarray(tiny_d2l.base.logits(ids, lora=stacked))
+    for row, adapter in enumerate(adapters):
+        np.testing.assert_allclose(batched[row], np.asarray(tiny_d2l.logits(ids[:1], adapter=adapter))[0], atol=1e-5)
+
+
+def test_per_layer_features_follow_reference_definition(tiny_llama):
+    """Entry l is the input of layer l; the last entry is the final-normed output of layer L-2."""
+    model, torch_model = tiny_llama
+    ids = np.random.default_rng(0).integers(0, model.config.vocab_size, (1, 7))
+    features = context_features(d2l_jax.HypernetConfig(), model.config, model.params, ids, np.ones_like(ids))
+    with torch.no_grad():
+        hidden = torch_model(torch.as_tensor(ids), output_hidden_states=True).hidden_states
+        last = torch_model.model.norm(hidden[model.config.num_layers - 1])
+    num_layers = model.config.num_layers
+    assert features.shape == (num_layers, 1, 7, model.config.hidden_size)
+    for layer in range(num_layers - 1):
+        np.testing.assert_allclose(features[layer], hidden[layer].numpy(), atol=1e-5)
+    np.testing.assert_allclose(features[-1], last.numpy(), atol=1e-5)
+    exit_features = context_features(d2l_jax.HypernetConfig(encoder_type="early_exit", early_exit_layer=2), model.config, model.params, ids, np.ones_like(ids))
+    with torch.no_grad():
+        np.testing.assert_allclose(exit_features, torch_model.model.norm(hidden[2]).numpy(), atol=1e-5)
+
+
+def test_bad_documents_and_configs(tiny_d2l, tiny_base):
+    with pytest.raises(ValueError, match="empty"):
+        tiny_d2l.internalize("   ")
+    with pytest.raises(TypeError, match="must be a str or a list of str, got int"):
+        tiny_d2l.internalize(5)
+    with pytest.raises(TypeError, match="must be a str, got bytes"):
+        tiny_d2l.internalize([b"bytes"])
+    with pytest.raises(ValueError, match=r"chunks of <= 24; the configured maximum is max_chunks=6"):
+        tiny_d2l.internalize("word " * 400)
+    with pytest.raises(ValueError, match="unknown target modules"):
+        d2l_jax.HypernetConfig(target_modules=("lm_head",))
+    with pytest.raises(ValueError, match=r"early_exit_layer=9 outside 1..4"):
+        d2l_jax.D2L.create(tiny_base, TINY_HYPER.replace(encoder_type="early_exit", early_exit_layer=9))

@@ -81,7 +81,11 @@ class D2L:
     def document_chunks(self, document: str) -> tuple[list[list[int]], int]:
         """(chunks of templated token ids, total templated tokens). Raises for bad or too long input."""
         ids = tokenize_document(self.base._require_tokenizer(), document, self.affixes)
-        chunks = split_into_chunks(ids, self.affixes, self.config.max_chunk_len)
+        # Every chunk but a lone one gains some affixes; leave room so chunks stay <= max_chunk_len.
+        room = self.config.max_chunk_len - sum(map(len, self.affixes))
+        if room < 1:
+            raise ValueError(f"max_chunk_len={self.config.max_chunk_len} leaves no room beside the chat affixes")
+        chunks = split_into_chunks(ids, self.affixes, room if len(ids) > self.config.max_chunk_len else len(ids))
         if len(chunks) > self.config.max_chunks:
             raise ValueError(
                 f"the document has {len(ids)} tokens = {len(chunks)} chunks of <= {self.config.max_chunk_len}; "

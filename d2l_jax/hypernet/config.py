@@ -27,7 +27,8 @@ class HypernetConfig:
       (``l2_eps`` guards the zero vector; the reference has none), a per-layer linear head to every target
       module's ``d_in + d_out``, generating rank ``lora_rank`` adapters for ``target_modules``;
       ``use_bias`` appends a learned context-independent "bias LoRA".
-    Chunking: templated documents are split into chunks of at most ``max_chunk_len`` tokens; a document may
+    Chunking: templated documents are split into chunks of at most ``max_chunk_len`` tokens (chat affixes
+      included; the reference bounds the pieces before re-wrapping them); a document may
       have at most ``max_chunks`` chunks, which fixes the adapter rank at ``(max_chunks + 1) * lora_rank``;
       the encoder runs ``chunk_group_size`` chunks at a time so memory does not grow with the document.
     iterative: run the Perceiver and head one base layer at a time (same outputs, lower peak memory).

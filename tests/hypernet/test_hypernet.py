@@ -1,5 +1,6 @@
 """The hypernetwork: reference shapes and counts, identity at init, combining, batching, invariances."""
 
+import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,6 +14,7 @@ from d2l_jax.hypernet.encoder import context_features
 from d2l_jax.models.base_model import BaseModel
 from d2l_jax.models.decoder import Decoder
 from d2l_jax.models.families import DecoderConfig
+from d2l_jax.models.generate import bucket_length
 from d2l_jax.models.lora import LoRA
 
 TINY_BASE = DecoderConfig(
@@ -27,7 +29,7 @@ TINY_HYPER = d2l_jax.HypernetConfig(
     num_kv_heads=2,
     lora_rank=2,
     target_modules=("q_proj", "down_proj"),
-    max_chunk_len=24,
+    max_chunk_len=40,
     max_chunks=6,
     chunk_group_size=2,
 )
@@ -222,9 +224,48 @@ def test_bad_documents_and_configs(tiny_d2l, tiny_base):
         tiny_d2l.internalize(5)
     with pytest.raises(TypeError, match="must be a str, got bytes"):
         tiny_d2l.internalize([b"bytes"])
-    with pytest.raises(ValueError, match=r"chunks of <= 24; the configured maximum is max_chunks=6"):
+    with pytest.raises(ValueError, match=r"chunks of <= 40; the configured maximum is max_chunks=6"):
         tiny_d2l.internalize("word " * 400)
     with pytest.raises(ValueError, match="unknown target modules"):
         d2l_jax.HypernetConfig(target_modules=("lm_head",))
     with pytest.raises(ValueError, match=r"early_exit_layer=9 outside 1..4"):
         d2l_jax.D2L.create(tiny_base, TINY_HYPER.replace(encoder_type="early_exit", early_exit_layer=9))
+
+
+def test_chunks_respect_max_chunk_len_and_cover_the_document(tiny_d2l):
+    chunks, total = tiny_d2l.document_chunks(DOCS[1])
+    prefix, suffix = tiny_d2l.affixes
+    assert len(chunks) > 2 and all(len(c) <= tiny_d2l.config.max_chunk_len for c in chunks)
+    assert all(c[: len(prefix)] == prefix and c[-len(suffix) :] == suffix for c in chunks)
+    pieces = [c[len(prefix) if i else 0 : len(c) - (len(suffix) if i < len(chunks) - 1 else 0)] for i, c in enumerate(chunks)]
+    document = tiny_d2l.base.tokenizer(DOCS[1].strip(), add_special_tokens=False)["input_ids"]
+    assert sum(pieces, []) == prefix + document + suffix and total == len(prefix + document + suffix)
+
+
+def test_documents_in_one_bucket_compile_once(tiny_d2l, monkeypatch):
+    from d2l_jax import api
+
+    traces = []
+
+    @functools.wraps(hn.document_adapters)
+    def counted(*args, **kwargs):
+        traces.append(1)
+        return hn.document_adapters(*args, **kwargs)
+
+    monkeypatch.setattr(api, "_document_adapters", jax.jit(counted, static_argnames=("config", "base")))
+    first = tiny_d2l.internalize("The vault code is 4817, and the vault is old.")
+    second = tiny_d2l.internalize("The vault code is 4817, and the vault is old and red.")
+    assert first.num_tokens != second.num_tokens and first.num_chunks == second.num_chunks == 1
+    assert bucket_length(first.num_tokens) == bucket_length(second.num_tokens)
+    assert len(traces) == 1
+    tiny_d2l.internalize(DOCS[1])  # another chunk shape compiles anew
+    assert len(traces) == 2
+
+
+def test_current_adapter_and_reset(tiny_d2l):
+    ids = [tiny_d2l.base.chat_ids([{"role": "user", "content": "Where is the vault?"}])]
+    base = np.asarray(tiny_d2l.base.logits(ids))
+    tiny_d2l.internalize(DOCS[0])
+    assert np.abs(np.asarray(tiny_d2l.logits(ids)) - base).max() > 1e-3
+    tiny_d2l.reset()
+    np.testing.assert_array_equal(np.asarray(tiny_d2l.logits(ids)), base)

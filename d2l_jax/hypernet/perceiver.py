@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float
 
 from d2l_jax.hypernet.config import HypernetConfig
-from d2l_jax.models.decoder import Linear, RMSNorm, attend
+from d2l_jax.models.decoder import MASKED_SCORE, Linear, RMSNorm
 
 TORCH_LINEAR_INIT = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
 
@@ -38,33 +38,63 @@ class SwiGLU(nn.Module):
 
 
 class CrossAttentionLayer(nn.Module):
-    """Latents attend to the context (keys/values from the context only), then a SwiGLU MLP."""
+    """Latents attend to the context (keys/values from the context only), then a SwiGLU MLP.
+
+    With few queries (``queries * heads < kv_heads * head_dim``, e.g. the reference's 8 latents) the
+    key and value projections are folded into the queries and the attention output,
+    ``q (C W_k)^T = (q W_k^T) C^T`` and ``p (C W_v) = (p C) W_v``, so no per-token keys or values are
+    ever formed: the same function with a fraction of the FLOPs on long contexts. ``absorb`` forces
+    either form (None: the cheaper one).
+    """
 
     config: HypernetConfig
+    absorb: bool | None = None
 
     @nn.compact
     def __call__(self, latents: Float[Array, "N Q H"], context: Float[Array, "N S H"], mask: Bool[Array, "N S"]):
         c = self.config
         dtype = jnp.dtype(c.dtype)
+        width, heads, kv_heads, head_dim = c.latent_size, c.num_heads, c.num_kv_heads, c.head_dim
+        kernel = lambda name, shape, axes: self.param(
+            name, nn.with_logical_partitioning(TORCH_LINEAR_INIT, axes), shape, jnp.float32
+        ).astype(dtype)
+        w_q = kernel("q_proj", (width, heads * head_dim), ("latent", "latent_heads"))
+        w_k = kernel("k_proj", (width, kv_heads * head_dim), ("latent", "latent_kv"))
+        w_v = kernel("v_proj", (width, kv_heads * head_dim), ("latent", "latent_kv"))
+        w_o = kernel("o_proj", (heads * head_dim, width), ("latent_heads", "latent"))
         norm = lambda name: RMSNorm(c.rms_norm_eps, name=name)
-        dense = lambda n, axes, name: Linear(n, axes, dtype, TORCH_LINEAR_INIT, name=name)
         n, q_len, _ = latents.shape
-        s_len = context.shape[1]
-        latents_n = norm("input_latents_norm")(latents)
-        context_n = norm("input_context_norm")(context)
-        q = dense(c.num_heads * c.head_dim, ("latent", "latent_heads"), "q_proj")(latents_n)
-        k = dense(c.num_kv_heads * c.head_dim, ("latent", "latent_kv"), "k_proj")(context_n)
-        v = dense(c.num_kv_heads * c.head_dim, ("latent", "latent_kv"), "v_proj")(context_n)
-        q = q.reshape(n, q_len, c.num_heads, c.head_dim) * jnp.asarray(c.head_dim**-0.5, dtype)
-        k = k.reshape(n, s_len, c.num_kv_heads, c.head_dim)
-        v = v.reshape(n, s_len, c.num_kv_heads, c.head_dim)
-        attn_mask = jnp.broadcast_to(mask[:, None, :], (n, q_len, s_len))
-        out = dense(c.latent_size, ("latent_heads", "latent"), "o_proj")(attend(q, k, v, attn_mask))
+        groups = heads // kv_heads
+
+        context_n = norm("input_context_norm")(context).astype(dtype)
+        q = norm("input_latents_norm")(latents).astype(dtype) @ w_q
+        q = q.reshape(n, q_len, kv_heads, groups, head_dim) * jnp.asarray(head_dim**-0.5, dtype)
+        w_k = w_k.reshape(width, kv_heads, head_dim)
+        w_v = w_v.reshape(width, kv_heads, head_dim)
+        absorb = self.absorb if self.absorb is not None else q_len * heads < kv_heads * head_dim
+        if absorb:
+            q_ctx = jnp.einsum("nqkgd,hkd->nqkgh", q, w_k)
+            scores = jnp.einsum("nqkgh,nsh->nkgqs", q_ctx, context_n, preferred_element_type=jnp.float32)
+            probs = _masked_softmax(scores, mask).astype(dtype)
+            out = jnp.einsum("nkgqs,nsh->nqkgh", probs, context_n)
+            out = jnp.einsum("nqkgh,hkd->nqkgd", out, w_v)
+        else:
+            k = jnp.einsum("nsh,hkd->nskd", context_n, w_k)
+            v = jnp.einsum("nsh,hkd->nskd", context_n, w_v)
+            scores = jnp.einsum("nqkgd,nskd->nkgqs", q, k, preferred_element_type=jnp.float32)
+            probs = _masked_softmax(scores, mask).astype(dtype)
+            out = jnp.einsum("nkgqs,nskd->nqkgd", probs, v)
+        out = out.reshape(n, q_len, heads * head_dim) @ w_o
         latents = latents + norm("post_attention_norm")(out)
-        hidden = c.intermediate_factor * c.latent_size
-        mlp = SwiGLU(hidden, c.latent_size, ("latent", "latent_mlp", "latent"), c.dtype, name="mlp")
+        hidden = c.intermediate_factor * width
+        mlp = SwiGLU(hidden, width, ("latent", "latent_mlp", "latent"), c.dtype, name="mlp")
         latents = latents + norm("post_ff_norm")(mlp(norm("pre_ff_norm")(latents)))
         return latents, None
+
+
+def _masked_softmax(scores: Float[Array, "N K G Q S"], mask: Bool[Array, "N S"]):
+    scores = jnp.where(mask[:, None, None, None, :], scores, MASKED_SCORE)
+    return jax.nn.softmax(scores, axis=-1)
 
 
 class Resampler(nn.Module):

@@ -29,7 +29,7 @@ from d2l_jax.models.lora import LoRA, lora_delta
 from d2l_jax.sharding import constrain
 
 _KERNEL_INIT = nn.initializers.normal(stddev=0.02)
-_MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite, so fully masked (padding) rows stay NaN-free
+MASKED_SCORE = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite, so fully masked (padding) rows stay NaN-free
 _REMAT_POLICIES = {
     "full": None,
     "dots": jax.checkpoint_policies.checkpoint_dots,
@@ -174,7 +174,7 @@ def attend(q, k, v, mask, softcap: float | None = None):
     scores = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32)
     if softcap is not None:
         scores = jnp.tanh(scores / softcap) * softcap
-    scores = jnp.where(mask[:, None, None], scores, _MASKED)
+    scores = jnp.where(mask[:, None, None], scores, MASKED_SCORE)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bskh->btkgh", probs, v)
     return out.reshape(b, t, n * dh)

@@ -69,7 +69,7 @@ def test_gemma2_main_shapes_match_reference():
     assert head["pre_head_0"]["mix1_kernel"].shape == (26, 512, 2048)
     assert head["bias_A_down_proj"].shape == (26, 8, 9216) and head["bias_B_down_proj"].shape == (26, 8, 2304)
     assert perceiver["modality_projection"]["gate_proj"]["kernel"].shape == (2304, 9216)
-    assert perceiver["encoder"]["layers"]["q_proj"]["kernel"].shape == (9, 512, 2048)
+    assert perceiver["encoder"]["layers"]["q_proj"].shape == (9, 512, 2048)
     assert perceiver["encoder"]["latents_q"].shape == (8, 512) and perceiver["decoder"]["latents_q"].shape == (8, 512)
 
 
@@ -269,3 +269,17 @@ def test_current_adapter_and_reset(tiny_d2l):
     assert np.abs(np.asarray(tiny_d2l.logits(ids)) - base).max() > 1e-3
     tiny_d2l.reset()
     np.testing.assert_array_equal(np.asarray(tiny_d2l.logits(ids)), base)
+
+
+@pytest.mark.parametrize("queries", [3, 40])
+def test_absorbed_cross_attention_equals_explicit_keys_and_values(queries):
+    from d2l_jax.hypernet.perceiver import CrossAttentionLayer
+
+    latents = jax.random.normal(jax.random.key(0), (2, queries, TINY_HYPER.latent_size))
+    context = jax.random.normal(jax.random.key(1), (2, 11, TINY_HYPER.latent_size))
+    mask = np.arange(11)[None] < np.array([[11], [6]])
+    params = CrossAttentionLayer(TINY_HYPER).init(jax.random.key(2), latents, context, mask)
+    absorbed, _ = CrossAttentionLayer(TINY_HYPER, absorb=True).apply(params, latents, context, mask)
+    explicit, _ = CrossAttentionLayer(TINY_HYPER, absorb=False).apply(params, latents, context, mask)
+    np.testing.assert_allclose(absorbed, explicit, atol=1e-5)
+    assert np.abs(np.asarray(absorbed) - np.asarray(latents)).max() > 1e-2

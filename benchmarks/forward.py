@@ -17,7 +17,8 @@ Measures, in one run:
 Every timing is the median of ``--repeats`` runs after one warm-up call (at least 10 runs for the
 short ceiling matmul). The JAX and torch runs of each figure are interleaved, one of each per round,
 so that load from other processes on a shared machine hits both sides alike; the header prints the
-load average so that a skewed run can be recognised. Nothing here asserts on the figures.
+share of CPU time other processes took during the run, so that a skewed run can be recognised.
+Nothing here asserts on the figures.
 
 Run with::
 
@@ -29,6 +30,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
+import resource
 import statistics
 import time
 from typing import Callable
@@ -68,6 +70,27 @@ def parse_args() -> argparse.Namespace:
 
 def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def cpu_seconds() -> tuple[float, float] | None:
+    """(busy CPU seconds of the whole machine, CPU seconds of this process), or None without /proc/stat."""
+    try:
+        with open("/proc/stat") as f:
+            user, nice, system, idle, iowait, irq, softirq, steal = map(int, f.readline().split()[1:9])
+    except (OSError, ValueError):
+        return None
+    busy = (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    return busy, own.ru_utime + own.ru_stime
+
+
+def other_processes_share(start: tuple[float, float] | None, wall_seconds: float) -> str:
+    """Share of the machine's CPU time that other processes used since ``start`` (from ``cpu_seconds``)."""
+    end = cpu_seconds()
+    if start is None or end is None:
+        return "unknown"
+    others = (end[0] - start[0]) - (end[1] - start[1])
+    return f"{100 * max(others, 0.0) / (wall_seconds * os.cpu_count()):.0f}%"
 
 
 def interleaved_medians(benchmarks: dict[str, Benchmark], repeats: int) -> dict[str, float]:
@@ -264,7 +287,8 @@ def table_rows(config: DecoderConfig, s: dict[str, float], args: argparse.Namesp
         ("JAX decode tokens/s (prefill subtracted)", f"{decode_rate(s['jax_generate'], s['jax_prefill'], new):.1f}"),
         (f"torch generate {new} tokens s (incl. prefill)", f"{s['torch_generate']:.3f}"),
         ("torch generate tokens/s (incl. prefill)", f"{new / s['torch_generate']:.1f}"),
-        ("torch decode tokens/s (prefill subtracted)", f"{decode_rate(s['torch_generate'], s['torch_prefill'], new):.1f}"),
+        ("torch decode tokens/s (prefill subtracted)",
+         f"{decode_rate(s['torch_generate'], s['torch_prefill'], new):.1f}"),
         ("JAX/torch generate speed ratio", f"{s['torch_generate'] / s['jax_generate']:.2f}x"),
     ]
 
@@ -285,13 +309,16 @@ def print_table(header: list[str], rows: list[tuple[str, str]]) -> None:
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(TORCH_THREADS)
-    load_before = os.getloadavg()[0]
+    cpu_at_start, wall_at_start = cpu_seconds(), time.perf_counter()
     config, seconds = measure(args)
+    others = other_processes_share(cpu_at_start, time.perf_counter() - wall_at_start)
     header = [
         f"SmolLM2-135M-Instruct fp32, batch 1, {args.tokens} tokens, median of {args.repeats} after a warm-up, "
         f"JAX and torch interleaved; {os.cpu_count()} CPUs, torch threads {TORCH_THREADS}",
-        f"jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__}, transformers {transformers.__version__}",
-        f"1-minute load average at start: {load_before:.2f} (near 0 on an idle machine; other processes skew every figure)",
+        f"jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__}, "
+        f"transformers {transformers.__version__}",
+        f"CPU time taken by other processes during the run: {others} of the machine "
+        "(near 0% on an idle machine; anything more skews every figure, torch's most)",
     ]
     print_table(header, table_rows(config, seconds, args))
 

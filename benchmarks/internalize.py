@@ -1,0 +1,119 @@
+"""Internalization latency (document -> adapter) and peak memory on the embedded SmolLM2.
+
+Each (configuration, length) case runs in its own process so that its peak resident memory is its own.
+Latency is the median of ``--repeats`` calls after a first call that also compiles; documents are
+built to have exactly the requested number of templated tokens.
+
+    python benchmarks/internalize.py [--lengths=128,512,2048,8192] [--configs=main,niah,niah_cpu]
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import subprocess
+import sys
+import time
+
+import numpy as np
+from absl import app, flags
+
+_LENGTHS = flags.DEFINE_list("lengths", ["128", "512", "2048", "8192"], "Templated document lengths in tokens.")
+_CONFIGS = flags.DEFINE_list("configs", ["main", "niah", "niah_cpu"], "Hypernetwork configurations.")
+_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed calls per case.")
+_CASE = flags.DEFINE_string("case", None, "Internal: run one CONFIG:LENGTH case and print JSON.")
+
+WORDS = "the of and river house garden window number quiet blue seven market bridge winter".split()
+
+
+def hypernet_config(name: str):
+    import d2l_jax
+
+    return {
+        "main": d2l_jax.HypernetConfig(max_chunks=64),
+        "niah": d2l_jax.HypernetConfig.niah(early_exit_layer=7),
+        "niah_cpu": d2l_jax.HypernetConfig.niah_cpu(early_exit_layer=7, max_chunk_len=1024, max_chunks=64),
+    }[name]
+
+
+def document_of_length(d2l, tokens: int) -> str:
+    """Random words whose templated token count is exactly ``tokens``."""
+    rng = np.random.default_rng(0)
+    words = list(rng.choice(WORDS, tokens))
+    while True:
+        text = " ".join(words)
+        count = d2l.document_chunks(text)[1]
+        if count == tokens:
+            return text
+        words = words[: len(words) + tokens - count] if count > tokens else words + list(rng.choice(WORDS, tokens - count))
+
+
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kilobytes on Linux
+
+
+def run_case(config_name: str, tokens: int, repeats: int) -> dict:
+    import jax
+
+    import d2l_jax
+
+    base = d2l_jax.load_base_model("smollm2-135m-instruct")
+    d2l = d2l_jax.D2L.create(base, hypernet_config(config_name))
+    document = document_of_length(d2l, tokens)
+    rss_before = peak_rss_gb()
+    start = time.perf_counter()
+    adapter = d2l.internalize(document)
+    jax.block_until_ready(adapter.lora)
+    first = time.perf_counter() - start
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(d2l.internalize(document).lora)
+        times.append(time.perf_counter() - start)
+    return {
+        "config": config_name,
+        "tokens": adapter.num_tokens,
+        "chunks": adapter.num_chunks,
+        "params": d2l.param_count(),
+        "first_call_s": first,
+        "latency_s": float(np.median(times)),
+        "rss_before_gb": rss_before,
+        "peak_rss_gb": peak_rss_gb(),
+    }
+
+
+def main(argv):
+    del argv
+    if _CASE.value:
+        config_name, tokens = _CASE.value.split(":")
+        print(json.dumps(run_case(config_name, int(tokens), _REPEATS.value)))
+        return
+    import jax
+
+    rows = []
+    for config_name in _CONFIGS.value:
+        for tokens in _LENGTHS.value:
+            command = [sys.executable, __file__, f"--case={config_name}:{tokens}", f"--repeats={_REPEATS.value}"]
+            result = subprocess.run(command, capture_output=True, text=True)
+            if result.returncode:
+                print(f"{config_name}:{tokens} failed:\n{result.stderr[-2000:]}", flush=True)
+                continue
+            row = json.loads(result.stdout.strip().splitlines()[-1])
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    print(f"\njax {jax.__version__}; SmolLM2-135M-Instruct, fp32, CPU")
+    print("| config | hypernet params | tokens | chunks | latency (s) | ms / 1k tokens | first call incl. compile (s) | peak RSS (GB) | RSS before (GB) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['config']} | {r['params']:,} | {r['tokens']} | {r['chunks']} | {r['latency_s']:.3f} | "
+            f"{1000 * r['latency_s'] / r['tokens'] * 1000:.0f} | {r['first_call_s']:.1f} | {r['peak_rss_gb']:.2f} | {r['rss_before_gb']:.2f} |"
+        )
+    print(
+        "\nReference (authors' PyTorch, this CPU): main 512 tokens 7.1 s (4.3 s without autograd), 2,048 out of memory; "
+        "NIAH 512 tokens 0.89 s, 2,048 tokens 6.5 s. Targets: >= 3x faster, NIAH 512 < 0.3 s, bounded memory, linear cost."
+    )
+
+
+if __name__ == "__main__":
+    app.run(main)

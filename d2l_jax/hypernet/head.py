@@ -1,6 +1,6 @@
 """The HyperLoRA head: Perceiver latents -> per-chunk LoRA weights for every layer and target module.
 
-Latents ``[C, L, M, r, H]`` go through ResMLP blocks (per-layer weights by default), are L2-normalised
+Layer-major latents ``[L, C, M, r, H]`` go through ResMLP blocks (per-layer weights by default), are L2-normalised
 over H, and a per-layer linear head maps each to ``d_in + d_out`` of its module: one rank row of A and
 one of B. ``scaler_A`` (ones) and ``scaler_B`` (zeros) scale them per layer and rank, so a fresh
 hypernetwork generates ``B = 0``; the learned "bias LoRA" (``bias_A``, ``bias_B``, B zero at init) is
@@ -33,13 +33,16 @@ def _param(module: nn.Module, name: str, init, shape, axes):
 
 
 class ResMLPPerLayer(nn.Module):
-    """``x + LN(Mix2(SiLU(Mix1(LN(x)))))`` with per-layer Mix weights (einops EinMix initialisation)."""
+    """``x + LN(Mix2(SiLU(Mix1(LN(x)))))`` with per-layer Mix weights (einops EinMix initialisation).
+
+    Works layer-major, ``x [L, N, H]``, so the per-layer products are plain batched matmuls.
+    """
 
     num_layers: int
     dtype: str = "float32"
 
     @nn.compact
-    def __call__(self, x: Float[Array, "C L M R H"]):
+    def __call__(self, x: Float[Array, "L N H"]):
         width = x.shape[-1]
         hidden = 4 * width
         dtype = jnp.dtype(self.dtype)
@@ -48,8 +51,8 @@ class ResMLPPerLayer(nn.Module):
         w2 = _param(self, "mix2_kernel", _uniform(math.sqrt(3 / hidden)), (self.num_layers, hidden, width), ("layers", "latent_mlp", "latent"))
         b2 = _param(self, "mix2_bias", _uniform(math.sqrt(1 / hidden)), (self.num_layers, width), ("layers", "latent"))
         h = nn.LayerNorm(epsilon=1e-5, name="norm_in")(x)
-        h = jnp.einsum("clmrh,lhk->clmrk", h.astype(dtype), w1.astype(dtype)) + b1[None, :, None, None, :]
-        h = jnp.einsum("clmrk,lkh->clmrh", jax.nn.silu(h).astype(dtype), w2.astype(dtype)) + b2[None, :, None, None, :]
+        h = jnp.einsum("lnh,lhk->lnk", h.astype(dtype), w1.astype(dtype)) + b1[:, None, :]
+        h = jnp.einsum("lnk,lkh->lnh", jax.nn.silu(h).astype(dtype), w2.astype(dtype)) + b2[:, None, :]
         return x + nn.LayerNorm(epsilon=1e-5, name="norm_out")(h).astype(x.dtype)
 
 
@@ -77,7 +80,7 @@ def l2_normalize(x, eps: float):
 
 
 class LoRAHead(nn.Module):
-    """Latents ``[C, L, M, r, H]`` -> ``(A, B)``: module -> ``[C, L, r, d_in]`` / ``[C, L, r, d_out]``.
+    """Layer-major latents ``[L, C, M, r, H]`` -> ``(A, B)``: module -> ``[C, L, r, d_in]`` / ``[C, L, r, d_out]``.
 
     Also owns the bias LoRA (``bias_A_<module>`` ``[L, r, d_in]``, ``bias_B_<module>`` ``[L, r, d_out]``),
     read by :func:`bias_lora`.
@@ -87,26 +90,31 @@ class LoRAHead(nn.Module):
     base: DecoderConfig
 
     @nn.compact
-    def __call__(self, latents: Float[Array, "C L M R H"]):
+    def __call__(self, latents: Float[Array, "L C M R H"]):
         c, base = self.config, self.base
         num_layers, rank, width = base.num_layers, c.lora_rank, c.latent_size
         modules = c.target_modules
         shapes = base.projection_shapes()
         d_lora = max(sum(shapes[m]) for m in modules)
-        x = latents
+        _, chunks, num_modules, _, _ = latents.shape
+        x = latents.reshape(num_layers, -1, width)
         for i in range(c.num_pre_head_layers):
             block = ResMLPPerLayer(num_layers, c.dtype, name=f"pre_head_{i}") if c.per_layer_processing else ResMLPShared(c.dtype, name=f"pre_head_{i}")
             x = block(x)
         x = l2_normalize(x, c.l2_eps)
         head_init = nn.initializers.normal(0.5 / math.sqrt(width + d_lora * rank))
         dtype = jnp.dtype(c.dtype)
-        if len(modules) == 1:
+        if num_modules == 1:
             kernel = _param(self, "head", head_init, (num_layers, width, d_lora), ("layers", "latent", "lora"))
-            flat = jnp.einsum("clmrh,lhd->clmrd", x.astype(dtype), kernel.astype(dtype))
+            flat = jnp.einsum("lnh,lhd->lnd", x.astype(dtype), kernel.astype(dtype))
+            flat = flat.reshape(num_layers, chunks, 1, rank, d_lora)
         else:
-            kernel = _param(self, "head", head_init, (num_layers, len(modules), width, d_lora), ("layers", "modules", "latent", "lora"))
-            flat = jnp.einsum("clmrh,lmhd->clmrd", x.astype(dtype), kernel.astype(dtype))
-        flat = flat.astype(jnp.float32)
+            kernel = _param(self, "head", head_init, (num_layers, num_modules, width, d_lora), ("layers", "modules", "latent", "lora"))
+            x = x.reshape(num_layers, chunks, num_modules, rank, width).transpose(0, 2, 1, 3, 4)
+            x = x.reshape(num_layers, num_modules, chunks * rank, width)
+            flat = jnp.einsum("lmnh,lmhd->lmnd", x.astype(dtype), kernel.astype(dtype))
+            flat = flat.reshape(num_layers, num_modules, chunks, rank, d_lora).transpose(0, 2, 1, 3, 4)
+        flat = flat.astype(jnp.float32).transpose(1, 0, 2, 3, 4)  # [C, L, M, r, d_lora]
         lora_a, lora_b = {}, {}
         for i, module in enumerate(modules):
             d_in, d_out = shapes[module]

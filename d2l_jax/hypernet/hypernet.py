@@ -33,7 +33,7 @@ def init_hypernet(config: HypernetConfig, base: DecoderConfig, key) -> dict:
     perceiver, head = _modules(config, base)
     perceiver_key, head_key = jax.random.split(key)
     features = jnp.zeros((1, 1, base.hidden_size), jnp.float32)
-    latents = jnp.zeros((1, base.num_layers, len(config.target_modules), config.lora_rank, config.latent_size))
+    latents = jnp.zeros((base.num_layers, 1, len(config.target_modules), config.lora_rank, config.latent_size))
     return {
         "perceiver": perceiver.init(perceiver_key, features, jnp.ones((1, 1), bool))["params"],
         "head": head.init(head_key, latents)["params"],
@@ -45,7 +45,7 @@ def param_count(params) -> int:
 
 
 def layer_latents(config: HypernetConfig, base: DecoderConfig, params: dict, features, mask: Int[Array, "C T"]):
-    """Perceiver latents ``[C, L, M, r, H]`` of the chunks.
+    """Perceiver latents of the chunks, layer-major: ``[L, C, M, r, H]``.
 
     ``features`` are ``[L, C, T, F]`` in layer-to-layer mode (one Perceiver, shared by all layers, maps
     layer l's features to layer l's latents) and ``[C, T, F]`` otherwise (one Perceiver call emits the
@@ -56,14 +56,15 @@ def layer_latents(config: HypernetConfig, base: DecoderConfig, params: dict, fea
     run = lambda f, m: perceiver.apply({"params": params["perceiver"]}, f, m)
     num_layers, modules, rank = base.num_layers, len(config.target_modules), config.lora_rank
     if not config.layer_to_layer:
-        return run(features, mask).reshape(features.shape[0], num_layers, modules, rank, -1)
+        latents = run(features, mask).reshape(features.shape[0], num_layers, modules, rank, -1)
+        return latents.transpose(1, 0, 2, 3, 4)
     _, chunks, length, width = features.shape
     if config.iterative:
         latents = jax.lax.map(lambda f: run(f, mask), features)
     else:
         layer_major_mask = jnp.broadcast_to(mask, (num_layers, chunks, length)).reshape(-1, length)
         latents = run(features.reshape(num_layers * chunks, length, width), layer_major_mask)
-    return latents.reshape(num_layers, chunks, modules, rank, -1).transpose(1, 0, 2, 3, 4)
+    return latents.reshape(num_layers, chunks, modules, rank, -1)
 
 
 def chunk_adapters(

@@ -167,7 +167,7 @@ def test_layer_permutation_permutes_latents(tiny_d2l):
     perm = np.array([2, 0, 3, 1])
     latents = hn.layer_latents(d2l.config, d2l.base.config, d2l.params, features, mask)
     permuted = hn.layer_latents(d2l.config, d2l.base.config, d2l.params, features[perm], mask)
-    np.testing.assert_allclose(permuted, latents[:, perm], atol=1e-5)
+    np.testing.assert_allclose(permuted, latents[perm], atol=1e-5)
 
 
 def test_chunk_groups_equal_one_pass(tiny_d2l):
@@ -283,3 +283,32 @@ def test_absorbed_cross_attention_equals_explicit_keys_and_values(queries):
     explicit, _ = CrossAttentionLayer(TINY_HYPER, absorb=False).apply(params, latents, context, mask)
     np.testing.assert_allclose(absorbed, explicit, atol=1e-5)
     assert np.abs(np.asarray(absorbed) - np.asarray(latents)).max() > 1e-2
+
+
+def _layer_norm(x, weight, bias, eps=1e-5):
+    mean = x.mean(-1, keepdims=True)
+    return (x - mean) / np.sqrt(((x - mean) ** 2).mean(-1, keepdims=True) + eps) * weight + bias
+
+
+def test_head_matches_reference_formulas(tiny_d2l):
+    """The head on ``[C, L, M, r, H]`` latents, written with the reference's einsums in NumPy."""
+    from d2l_jax.hypernet.head import LoRAHead
+
+    config, base = tiny_d2l.config, tiny_d2l.base.config
+    p = jax.tree.map(np.asarray, tiny_d2l.params["head"])
+    latents = np.asarray(jax.random.normal(jax.random.key(4), (2, base.num_layers, 2, config.lora_rank, config.latent_size)))
+    x = latents
+    block = p["pre_head_0"]
+    h = _layer_norm(x, block["norm_in"]["scale"], block["norm_in"]["bias"])
+    h = np.einsum("clmrh,lhk->clmrk", h, block["mix1_kernel"]) + block["mix1_bias"][None, :, None, None, :]
+    h = h / (1 + np.exp(-h))
+    h = np.einsum("clmrk,lkh->clmrh", h, block["mix2_kernel"]) + block["mix2_bias"][None, :, None, None, :]
+    x = x + _layer_norm(h, block["norm_out"]["scale"], block["norm_out"]["bias"])
+    x = x / np.linalg.norm(x, axis=-1, keepdims=True)
+    flat = np.einsum("clmrh,lmhd->clmrd", x, p["head"])
+    a, b = LoRAHead(config, base).apply({"params": tiny_d2l.params["head"]}, jnp.asarray(latents.transpose(1, 0, 2, 3, 4)))
+    shapes = base.projection_shapes()
+    for i, module in enumerate(config.target_modules):  # sorted: down_proj, q_proj
+        d_in, d_out = shapes[module]
+        np.testing.assert_allclose(a[module], flat[:, :, i, :, :d_in] * p[f"scaler_A_{module}"][None, :, :, None], atol=1e-5)
+        np.testing.assert_allclose(b[module], flat[:, :, i, :, d_in : d_in + d_out] * p[f"scaler_B_{module}"][None, :, :, None], atol=1e-5)

@@ -114,7 +114,7 @@ class D2L:
         batch = _chunk_batch(chunks, self.config.chunk_group_size)
         owners = np.concatenate([np.full(len(c), g) for g, (c, _) in enumerate(split)])
         slots = np.concatenate([np.arange(len(c)) for c, _ in split])
-        pad = batch["tokens"].shape[0] - len(chunks)
+        pad = batch["tokens"].shape[0] * batch["tokens"].shape[1] - len(chunks)
         num_chunks = np.array([len(c) for c, _ in split], np.int32)
         lora = _document_adapters(
             self.config,
@@ -160,16 +160,14 @@ class D2L:
 
 
 def _chunk_batch(chunks: list[list[int]], group_size: int) -> dict[str, np.ndarray]:
-    """Right-pads chunks to a bucketed length and their count to a bucketed size (static shapes)."""
+    """Right-pads chunks to a bucketed length and splits them into equal groups of at most
+    ``group_size`` (``[groups, size, length]``; padding chunks fill the last group)."""
     length = bucket_length(max(len(c) for c in chunks))
-    count = len(chunks)
-    if count <= group_size:
-        rows = min(1 << (count - 1).bit_length(), group_size)
-    else:
-        rows = group_size * bucket_length(math.ceil(count / group_size), minimum=1)
-    tokens = np.zeros((rows, length), np.int32)
-    mask = np.zeros((rows, length), np.int32)
+    groups = math.ceil(len(chunks) / group_size)
+    size = math.ceil(len(chunks) / groups)
+    tokens = np.zeros((groups * size, length), np.int32)
+    mask = np.zeros((groups * size, length), np.int32)
     for i, c in enumerate(chunks):
         tokens[i, : len(c)] = c
         mask[i, : len(c)] = 1
-    return {"tokens": tokens, "mask": mask}
+    return {"tokens": tokens.reshape(groups, size, length), "mask": mask.reshape(groups, size, length)}

@@ -11,8 +11,10 @@ import flax.linen as nn
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
-# Parameter axes: vocab, embed, heads (query heads x head_dim), kv (kv heads x head_dim), mlp, layers, norm.
-# Activation axes: activation_batch, activation_length, activation_embed.
+# Base model parameters: vocab, embed, heads (query heads x head_dim), kv (kv heads x head_dim), mlp,
+# layers, norm. Hypernetwork parameters: feature (context width F), feature_mlp (4F), latent (H),
+# latent_mlp (4H), latent_heads, latent_kv, latent_queries, blocks (Perceiver layers), lora (d_in + d_out
+# of the head), rank, modules. Activations: activation_batch, activation_length, activation_embed.
 LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("activation_batch", ("data", "fsdp")),
     ("activation_length", None),
@@ -24,6 +26,17 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("mlp", "tensor"),
     ("layers", None),
     ("norm", None),
+    ("feature", "fsdp"),
+    ("feature_mlp", "tensor"),
+    ("latent", "fsdp"),
+    ("latent_mlp", "tensor"),
+    ("latent_heads", "tensor"),
+    ("latent_kv", "tensor"),
+    ("latent_queries", None),
+    ("blocks", None),
+    ("lora", "tensor"),
+    ("rank", None),
+    ("modules", None),
 )
 
 HIDDEN_AXES = ("activation_batch", "activation_length", "activation_embed")

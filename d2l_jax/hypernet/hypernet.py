@@ -76,23 +76,21 @@ def chunk_adapters(
 
 
 def encode_chunks(
-    config: HypernetConfig, base: DecoderConfig, base_params: dict, params: dict, tokens: Int[Array, "C T"], mask: Int[Array, "C T"]
+    config: HypernetConfig, base: DecoderConfig, base_params: dict, params: dict, tokens: Int[Array, "G C T"], mask: Int[Array, "G C T"]
 ) -> tuple[dict, dict]:
-    """Chunk token ids -> per-chunk LoRAs, ``chunk_group_size`` chunks at a time when there are more."""
+    """Chunk token ids in groups -> per-chunk LoRAs ``[G * C, L, r, d]``; groups run one after another."""
 
     def one_group(group):
         group_tokens, group_mask = group
         features = context_features(config, base, base_params, group_tokens, group_mask)
         return chunk_adapters(config, base, params, features, group_mask)
 
-    chunks = tokens.shape[0]
-    size = config.chunk_group_size
-    if chunks <= size:
-        return one_group((tokens, mask))
-    if chunks % size:
-        raise ValueError(f"{chunks} chunks is not a multiple of chunk_group_size={size}")
-    grouped = jax.lax.map(one_group, (tokens.reshape(-1, size, tokens.shape[1]), mask.reshape(-1, size, mask.shape[1])))
-    return jax.tree.map(lambda x: x.reshape(chunks, *x.shape[2:]), grouped)
+    groups, size = tokens.shape[:2]
+    if groups == 1:
+        out = jax.tree.map(lambda x: x[None], one_group((tokens[0], mask[0])))
+    else:
+        out = jax.lax.map(one_group, (tokens, mask))
+    return jax.tree.map(lambda x: x.reshape(groups * size, *x.shape[2:]), out)
 
 
 def document_adapters(
@@ -100,15 +98,18 @@ def document_adapters(
     base: DecoderConfig,
     base_params: dict,
     params: dict,
-    tokens: Int[Array, "C T"],
-    mask: Int[Array, "C T"],
+    tokens: Int[Array, "G C T"],
+    mask: Int[Array, "G C T"],
     chunk_document: Int[Array, "C"],
     chunk_slot: Int[Array, "C"],
     num_chunks: Int[Array, "G"],
     scalers: Float[Array, "G"] | None = None,
     bias_scaler=1.0,
 ) -> LoRA:
-    """The whole path from chunk ids to one combined adapter per document (see ``combine_chunk_adapters``)."""
+    """The whole path from grouped chunk ids to one combined adapter per document.
+
+    ``chunk_document`` and ``chunk_slot`` describe the flattened chunks (see ``combine_chunk_adapters``).
+    """
     chunk_a, chunk_b = encode_chunks(config, base, base_params, params, tokens, mask)
     bias = bias_lora(params["head"], config.target_modules) if config.use_bias else None
     return combine_chunk_adapters(

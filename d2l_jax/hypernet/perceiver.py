@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float
 
 from d2l_jax.hypernet.config import HypernetConfig
-from d2l_jax.models.decoder import MASKED_SCORE, Linear, RMSNorm
+from d2l_jax.models.decoder import MASKED_SCORE, Linear, RMSNorm, rms_normalize
 
 TORCH_LINEAR_INIT = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
 
@@ -44,14 +44,15 @@ class CrossAttentionLayer(nn.Module):
     key and value projections are folded into the queries and the attention output,
     ``q (C W_k)^T = (q W_k^T) C^T`` and ``p (C W_v) = (p C) W_v``, so no per-token keys or values are
     ever formed: the same function with a fraction of the FLOPs on long contexts. ``absorb`` forces
-    either form (None: the cheaper one).
+    either form (None: the cheaper one). The context arrives RMS-normalised without weight (shared by
+    all layers); this layer's context-norm weight is folded into its key and value kernels.
     """
 
     config: HypernetConfig
     absorb: bool | None = None
 
     @nn.compact
-    def __call__(self, latents: Float[Array, "N Q H"], context: Float[Array, "N S H"], mask: Bool[Array, "N S"]):
+    def __call__(self, latents: Float[Array, "N Q H"], unit_context: Float[Array, "N S H"], mask: Bool[Array, "N S"]):
         c = self.config
         dtype = jnp.dtype(c.dtype)
         width, heads, kv_heads, head_dim = c.latent_size, c.num_heads, c.num_kv_heads, c.head_dim
@@ -66,11 +67,12 @@ class CrossAttentionLayer(nn.Module):
         n, q_len, _ = latents.shape
         groups = heads // kv_heads
 
-        context_n = norm("input_context_norm")(context).astype(dtype)
+        context_scale = NormScale(name="input_context_norm")(width).astype(dtype)[:, None, None]
+        context_n = unit_context.astype(dtype)
         q = norm("input_latents_norm")(latents).astype(dtype) @ w_q
         q = q.reshape(n, q_len, kv_heads, groups, head_dim) * jnp.asarray(head_dim**-0.5, dtype)
-        w_k = w_k.reshape(width, kv_heads, head_dim)
-        w_v = w_v.reshape(width, kv_heads, head_dim)
+        w_k = context_scale * w_k.reshape(width, kv_heads, head_dim)
+        w_v = context_scale * w_v.reshape(width, kv_heads, head_dim)
         absorb = self.absorb if self.absorb is not None else q_len * heads < kv_heads * head_dim
         if absorb:
             q_ctx = jnp.einsum("nqkgd,hkd->nqkgh", q, w_k)
@@ -95,6 +97,14 @@ class CrossAttentionLayer(nn.Module):
 def _masked_softmax(scores: Float[Array, "N K G Q S"], mask: Bool[Array, "N S"]):
     scores = jnp.where(mask[:, None, None, None, :], scores, MASKED_SCORE)
     return jax.nn.softmax(scores, axis=-1)
+
+
+class NormScale(nn.Module):
+    """The weight of an RMSNorm (ones at init) for a caller that applies it itself."""
+
+    @nn.compact
+    def __call__(self, width: int):
+        return self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)), (width,), jnp.float32)
 
 
 class Resampler(nn.Module):
@@ -122,7 +132,7 @@ class Resampler(nn.Module):
             length=self.num_layers,
             metadata_params={nn.PARTITION_NAME: "blocks"},
         )(c, name="layers")
-        latents, _ = layers(latents, context, mask)
+        latents, _ = layers(latents, rms_normalize(context, c.rms_norm_eps), mask)
         return RMSNorm(c.rms_norm_eps, name="norm")(latents)
 
 

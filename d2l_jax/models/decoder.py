@@ -74,6 +74,12 @@ class DecoderOutput:
     cache: Any = None
 
 
+def rms_normalize(x, eps: float):
+    """``x / sqrt(mean(x^2) + eps)`` over the last axis, in float32."""
+    xf = x.astype(jnp.float32)
+    return xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+
+
 class RMSNorm(nn.Module):
     eps: float
     weight_offset: float = 0.0  # Gemma stores w and scales by (1 + w)
@@ -82,9 +88,7 @@ class RMSNorm(nn.Module):
     def __call__(self, x):
         init = nn.initializers.zeros if self.weight_offset else nn.initializers.ones
         scale = self.param("scale", nn.with_logical_partitioning(init, ("norm",)), (x.shape[-1],), jnp.float32)
-        xf = x.astype(jnp.float32)
-        y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
-        return (y * (self.weight_offset + scale.astype(jnp.float32))).astype(x.dtype)
+        return (rms_normalize(x, self.eps) * (self.weight_offset + scale.astype(jnp.float32))).astype(x.dtype)
 
 
 class Linear(nn.Module):

@@ -117,7 +117,7 @@ def test_combined_update_is_sum_of_chunk_updates_plus_bias(tiny_d2l):
     for module in config.target_modules:
         expected = 0.0
         for chunk in chunks:
-            ids, mask = np.array([chunk]), np.ones((1, len(chunk)), np.int32)
+            ids, mask = np.array([[chunk]]), np.ones((1, 1, len(chunk)), np.int32)
             a, b = hn.encode_chunks(config, d2l.base.config, d2l.base.params, d2l.params, ids, mask)
             expected = expected + dense_delta(0.7 * a[module][0], b[module][0], config.alpha)
         bias_a, bias_b = d2l.params["head"][f"bias_A_{module}"], d2l.params["head"][f"bias_B_{module}"]
@@ -146,8 +146,8 @@ def test_padding_does_not_change_a_chunk(tiny_d2l):
     padded = np.zeros((1, n + 9), np.int32)
     padded[0, :n] = chunk
     mask = (np.arange(n + 9) < n)[None].astype(np.int32)
-    exact = hn.encode_chunks(d2l.config, d2l.base.config, d2l.base.params, d2l.params, np.array([chunk]), np.ones((1, n), np.int32))
-    pad = hn.encode_chunks(d2l.config, d2l.base.config, d2l.base.params, d2l.params, padded, mask)
+    exact = hn.encode_chunks(d2l.config, d2l.base.config, d2l.base.params, d2l.params, np.array([[chunk]]), np.ones((1, 1, n), np.int32))
+    pad = hn.encode_chunks(d2l.config, d2l.base.config, d2l.base.params, d2l.params, padded[None], mask[None])
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-5), exact, pad)
 
 
@@ -178,9 +178,9 @@ def test_chunk_groups_equal_one_pass(tiny_d2l):
     mask = np.zeros((4, length), np.int32)
     for i, c in enumerate(chunks[:4]):
         tokens[i, : len(c)], mask[i, : len(c)] = c, 1
-    args = (tiny_d2l.base.config, tiny_d2l.base.params, tiny_d2l.params, tokens, mask)
-    grouped = hn.encode_chunks(config.replace(chunk_group_size=2), *args)
-    at_once = hn.encode_chunks(config.replace(chunk_group_size=4), *args)
+    args = (tiny_d2l.base.config, tiny_d2l.base.params, tiny_d2l.params)
+    grouped = hn.encode_chunks(config, *args, tokens.reshape(2, 2, -1), mask.reshape(2, 2, -1))
+    at_once = hn.encode_chunks(config, *args, tokens[None], mask[None])
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-5), grouped, at_once)
 
 
@@ -277,6 +277,7 @@ def test_absorbed_cross_attention_equals_explicit_keys_and_values(queries):
 
     latents = jax.random.normal(jax.random.key(0), (2, queries, TINY_HYPER.latent_size))
     context = jax.random.normal(jax.random.key(1), (2, 11, TINY_HYPER.latent_size))
+    context = context / jnp.sqrt(jnp.mean(context**2, axis=-1, keepdims=True) + TINY_HYPER.rms_norm_eps)
     mask = np.arange(11)[None] < np.array([[11], [6]])
     params = CrossAttentionLayer(TINY_HYPER).init(jax.random.key(2), latents, context, mask)
     absorbed, _ = CrossAttentionLayer(TINY_HYPER, absorb=True).apply(params, latents, context, mask)
@@ -312,3 +313,55 @@ def test_head_matches_reference_formulas(tiny_d2l):
         d_in, d_out = shapes[module]
         np.testing.assert_allclose(a[module], flat[:, :, i, :, :d_in] * p[f"scaler_A_{module}"][None, :, :, None], atol=1e-5)
         np.testing.assert_allclose(b[module], flat[:, :, i, :, d_in : d_in + d_out] * p[f"scaler_B_{module}"][None, :, :, None], atol=1e-5)
+
+
+def _np_rms(x, weight, eps=1e-6):
+    return weight * (x / np.sqrt((x**2).mean(-1, keepdims=True) + eps))
+
+
+def _np_swiglu(x, p):
+    gate = x @ p["gate_proj"]["kernel"]
+    return (gate / (1 + np.exp(-gate)) * (x @ p["up_proj"]["kernel"])) @ p["down_proj"]["kernel"]
+
+
+def _np_cross_attention_layer(latents, context, mask, p, c):
+    """The reference's Idefics2PerceiverLayer (flash path): keys/values from the normed context only."""
+    n, q_len, _ = latents.shape
+    latents_n = _np_rms(latents, p["input_latents_norm"]["scale"])
+    context_n = _np_rms(context, p["input_context_norm"]["scale"])
+    q = (latents_n @ p["q_proj"]).reshape(n, q_len, c.num_heads, c.head_dim)
+    k = (context_n @ p["k_proj"]).reshape(n, -1, c.num_kv_heads, c.head_dim)
+    v = (context_n @ p["v_proj"]).reshape(n, -1, c.num_kv_heads, c.head_dim)
+    k, v = (np.repeat(t, c.num_heads // c.num_kv_heads, axis=2) for t in (k, v))  # HF repeat_kv
+    scores = np.einsum("nqhd,nshd->nhqs", q, k) / np.sqrt(c.head_dim)
+    scores = np.where(mask[:, None, None, :], scores, -np.inf)
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    attended = np.einsum("nhqs,nshd->nqhd", probs, v).reshape(n, q_len, -1) @ p["o_proj"]
+    latents = latents + _np_rms(attended, p["post_attention_norm"]["scale"])
+    return latents + _np_rms(_np_swiglu(_np_rms(latents, p["pre_ff_norm"]["scale"]), p["mlp"]), p["post_ff_norm"]["scale"])
+
+
+def _np_resampler(context, mask, p, c, num_layers):
+    latents = np.broadcast_to(p["latents_q"], (context.shape[0], *p["latents_q"].shape))
+    for i in range(num_layers):
+        layer = jax.tree.map(lambda x: x[i], p["layers"])
+        latents = _np_cross_attention_layer(latents, context, mask, layer, c)
+    return _np_rms(latents, p["norm"]["scale"])
+
+
+@pytest.mark.parametrize("n_latents", [3, 40], ids=["absorbed", "explicit"])
+def test_perceiver_matches_reference_formulas(n_latents):
+    from d2l_jax.hypernet.perceiver import Perceiver
+
+    config = TINY_HYPER.replace(n_latent_queries=n_latents)
+    features = np.asarray(jax.random.normal(jax.random.key(3), (2, 9, 48)))
+    mask = np.arange(9)[None] < np.array([[9], [5]])
+    perceiver = Perceiver(config, num_outputs=6)
+    params = perceiver.init(jax.random.key(4), features, mask)["params"]
+    params = jax.tree.map(lambda x: np.asarray(x) + 0.1 * np.random.default_rng(0).standard_normal(x.shape), nn.unbox(params))
+    p = jax.tree.map(np.asarray, params)
+    context = _np_swiglu(features, p["modality_projection"])
+    latents = _np_resampler(context, mask, p["encoder"], config, config.num_blocks)
+    expected = _np_resampler(latents, np.ones(latents.shape[:2], bool), p["decoder"], config, 1)
+    np.testing.assert_allclose(perceiver.apply({"params": params}, features, mask), expected, atol=2e-5)

@@ -365,3 +365,19 @@ def test_perceiver_matches_reference_formulas(n_latents):
     latents = _np_resampler(context, mask, p["encoder"], config, config.num_blocks)
     expected = _np_resampler(latents, np.ones(latents.shape[:2], bool), p["decoder"], config, 1)
     np.testing.assert_allclose(perceiver.apply({"params": params}, features, mask), expected, atol=2e-5)
+
+
+def test_shared_pre_head_block_matches_reference_formula(tiny_d2l):
+    """per_layer_processing=False: one ResMLP (Linear with bias) shared by every layer."""
+    config = tiny_d2l.config.replace(per_layer_processing=False)
+    params = nn.unbox(hn.init_hypernet(config, tiny_d2l.base.config, jax.random.key(6)))
+    block = jax.tree.map(np.asarray, params["head"]["pre_head_0"])
+    width = config.latent_size
+    assert block["linear1"]["kernel"].shape == (width, 4 * width) and block["linear2"]["kernel"].shape == (4 * width, width)
+    x = np.asarray(jax.random.normal(jax.random.key(7), (3, 5, width)))
+    h = _layer_norm(x, block["norm_in"]["scale"], block["norm_in"]["bias"]) @ block["linear1"]["kernel"] + block["linear1"]["bias"]
+    h = (h / (1 + np.exp(-h))) @ block["linear2"]["kernel"] + block["linear2"]["bias"]
+    expected = x + _layer_norm(h, block["norm_out"]["scale"], block["norm_out"]["bias"])
+    from d2l_jax.hypernet.head import ResMLPShared
+
+    np.testing.assert_allclose(ResMLPShared().apply({"params": params["head"]["pre_head_0"]}, x), expected, atol=1e-5)

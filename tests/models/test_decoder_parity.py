@@ -124,3 +124,12 @@ def test_blocked_causal_attention_matches_torch(tiny_llama):
     mask[1, :30] = 0
     ours, theirs = np.asarray(model.logits(ids, mask)), torch_logits(torch_model, ids, mask)
     np.testing.assert_allclose(ours[mask == 1], theirs[mask == 1], atol=TOL, rtol=0)
+
+
+def test_sharded_safetensors_directory_loads(tmp_path, tiny_llama):
+    _, torch_model = tiny_llama
+    torch_model.save_pretrained(tmp_path, max_shard_size="40KB")
+    assert len(list(tmp_path.glob("*.safetensors"))) > 1 and (tmp_path / "model.safetensors.index.json").is_file()
+    model = d2l_jax.load_base_model(tmp_path)
+    ids = _ids(1, 9, model.config.vocab_size, seed=11)
+    np.testing.assert_allclose(np.asarray(model.logits(ids)), torch_logits(torch_model, ids), atol=TOL, rtol=0)

@@ -367,3 +367,25 @@ class Decoder(nn.Module):
             if c.final_logit_softcap is not None:
                 logits = jnp.tanh(logits / c.final_logit_softcap) * c.final_logit_softcap
         return DecoderOutput(logits=logits, last_hidden_state=last_hidden_state, hidden_states=hidden_states, cache=new_cache)
+
+
+def first_layers_hidden_states(
+    config: DecoderConfig, params: dict, tokens: Int[Array, "B T"], segment_ids: Int[Array, "B T"], num_layers: int
+) -> Float[Array, "n B T D"]:
+    """Hidden states of the first ``num_layers`` layers, as ``Decoder(...).hidden_states`` of a model cut
+    after them: ``[num_layers + 1, B, T, D]``, the last entry final-normed. The stacked layer parameters
+    are indexed in place rather than sliced, so no copy of the weights is made."""
+    positions = jnp.maximum(jnp.cumsum(segment_ids > 0, axis=1) - 1, 0)
+    cos, sin = rope_tables(config, positions)
+    slots = jnp.arange(tokens.shape[1])
+    mask = attention_mask(segment_ids, segment_ids, slots, slots, config.sliding_window)
+    block = Block(config)
+
+    def layer(x, index):
+        layer_params = jax.tree.map(lambda p: jax.lax.dynamic_index_in_dim(p, index, keepdims=False), params["layers"])
+        y, _ = block.apply({"params": layer_params}, x, cos, sin, mask, jnp.zeros((), jnp.int32), None, None)
+        return y, x
+
+    x, inputs = jax.lax.scan(layer, embed_tokens(config, params["embedding"], tokens), jnp.arange(num_layers))
+    last = RMSNorm(config.rms_norm_eps, config.norm_weight_offset).apply({"params": params["final_norm"]}, x)
+    return jnp.concatenate([inputs, last[None]], axis=0)

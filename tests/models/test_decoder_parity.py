@@ -1,5 +1,6 @@
 """The Flax decoder is the same function as the transformers PyTorch model (tiny random checkpoints)."""
 
+import jax
 import numpy as np
 import pytest
 import transformers
@@ -133,3 +134,18 @@ def test_sharded_safetensors_directory_loads(tmp_path, tiny_llama):
     model = d2l_jax.load_base_model(tmp_path)
     ids = _ids(1, 9, model.config.vocab_size, seed=11)
     np.testing.assert_allclose(np.asarray(model.logits(ids)), torch_logits(torch_model, ids), atol=TOL, rtol=0)
+
+
+def test_first_layers_hidden_states_equal_a_cut_model(tiny_llama):
+    from d2l_jax.models.decoder import Decoder, first_layers_hidden_states
+
+    model, _ = tiny_llama
+    ids = _ids(2, 10, model.config.vocab_size, seed=12)
+    mask = np.ones_like(ids)
+    mask[1, 7:] = 0
+    cut = model.config.replace(num_layers=2)
+    params = dict(model.params, layers=jax.tree.map(lambda p: p[:2], model.params["layers"]))
+    positions = np.maximum(np.cumsum(mask, 1) - 1, 0)
+    expected = Decoder(cut).apply({"params": params}, ids, positions, mask, compute_logits=False, return_hidden_states=True)
+    got = first_layers_hidden_states(model.config, model.params, ids, mask, 2)
+    np.testing.assert_allclose(np.asarray(got)[:, mask == 1], np.asarray(expected.hidden_states)[:, mask == 1], atol=1e-6)

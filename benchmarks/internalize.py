@@ -52,6 +52,22 @@ def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kilobytes on Linux
 
 
+def matmul_gflops(size: int = 2048, repeats: int = 10) -> float:
+    """The machine's fp32 matmul speed right now (it varies on shared machines); median of ``repeats``."""
+    import jax
+    import jax.numpy as jnp
+
+    matmul = jax.jit(lambda a, b: a @ b)
+    a = jnp.ones((size, size), jnp.float32)
+    matmul(a, a).block_until_ready()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        matmul(a, a).block_until_ready()
+        times.append(time.perf_counter() - start)
+    return 2 * size**3 / float(np.median(times)) / 1e9
+
+
 def run_case(config_name: str, tokens: int, repeats: int) -> dict:
     import jax
 
@@ -79,6 +95,7 @@ def run_case(config_name: str, tokens: int, repeats: int) -> dict:
         "latency_s": float(np.median(times)),
         "rss_before_gb": rss_before,
         "peak_rss_gb": peak_rss_gb(),
+        "matmul_gflops": matmul_gflops(),
     }
 
 
@@ -102,12 +119,13 @@ def main(argv):
             rows.append(row)
             print(json.dumps(row), flush=True)
     print(f"\njax {jax.__version__}; SmolLM2-135M-Instruct, fp32, CPU")
-    print("| config | hypernet params | tokens | chunks | latency (s) | ms / 1k tokens | first call incl. compile (s) | peak RSS (GB) | RSS before (GB) |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| config | hypernet params | tokens | chunks | latency (s) | ms / 1k tokens | first call incl. compile (s) | peak RSS (GB) | RSS before (GB) | matmul GFLOP/s then |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
             f"| {r['config']} | {r['params']:,} | {r['tokens']} | {r['chunks']} | {r['latency_s']:.3f} | "
-            f"{1000 * r['latency_s'] / r['tokens'] * 1000:.0f} | {r['first_call_s']:.1f} | {r['peak_rss_gb']:.2f} | {r['rss_before_gb']:.2f} |"
+            f"{1000 * r['latency_s'] / r['tokens'] * 1000:.0f} | {r['first_call_s']:.1f} | {r['peak_rss_gb']:.2f} | {r['rss_before_gb']:.2f} | "
+            f"{r['matmul_gflops']:.0f} |"
         )
     print(
         "\nReference (authors' PyTorch, this CPU): main 512 tokens 7.1 s (4.3 s without autograd), 2,048 out of memory; "

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from pathlib import Path
 from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from d2l_jax.data.chunking import document_affixes, split_into_chunks, tokenize_document
+from d2l_jax.data.chunking import chunk_document, document_affixes, tokenize_document
 from d2l_jax.hypernet.config import HypernetConfig
 from d2l_jax.hypernet.hypernet import document_adapters, init_hypernet, param_count
 from d2l_jax.models.base_model import BaseModel
@@ -44,6 +46,16 @@ class Adapter:
         return self.lora.B
 
 
+def stack_adapters(adapters: Sequence[Adapter]) -> LoRA:
+    """One LoRA with a row per adapter (for a batch of prompts, one document each), zero-padded to the
+    largest rank among them."""
+    if not adapters:
+        raise ValueError("no adapters given")
+    rank = max(next(iter(a.A.values())).shape[2] for a in adapters)
+    pad = lambda x: jnp.pad(x, ((0, 0), (0, 0), (0, rank - x.shape[2]), (0, 0)))
+    return jax.tree.map(lambda *xs: jnp.concatenate([pad(x) for x in xs]), *(a.lora for a in adapters))
+
+
 _document_adapters = jax.jit(document_adapters, static_argnames=("config", "base"))
 
 
@@ -69,6 +81,33 @@ class D2L:
         params = nn.unbox(init_hypernet(config, base.config, jax.random.key(seed)))
         return cls(base, config, params)
 
+    @classmethod
+    def load(cls, checkpoint_dir, step: int | None = None, base: BaseModel | None = None) -> "D2L":
+        """A trained hypernetwork from a training workdir (or its ``checkpoints`` folder), at ``step``
+        (latest by default), with its base model (loaded by the name the run recorded unless given).
+
+        Raises FileNotFoundError without checkpoints, CheckpointMismatchError when ``base`` is not the
+        model it was trained on, CheckpointCorruptError when the files cannot be read.
+        """
+        from d2l_jax.models.base_model import load_base_model
+        from d2l_jax.train.checkpoint import Checkpointer, base_identity
+        from d2l_jax.train.loop import RunConfig
+
+        directory = Path(checkpoint_dir)
+        if (directory / "checkpoints").is_dir():
+            directory = directory / "checkpoints"
+        if not directory.is_dir():
+            raise FileNotFoundError(f"no checkpoint directory at {checkpoint_dir}")
+        checkpoints = Checkpointer(directory, async_save=False)
+        try:
+            run = RunConfig.from_json(checkpoints.read_json("config", step))
+            base = base or load_base_model(run.model)
+            abstract = jax.eval_shape(lambda: nn.unbox(init_hypernet(run.hypernet, base.config, jax.random.key(0))))
+            params = checkpoints.restore_params(abstract, base_identity(run.model, base.config, base.params), step)
+        finally:
+            checkpoints.close()
+        return cls(base, run.hypernet, params)
+
     def param_count(self) -> int:
         return param_count(self.params)
 
@@ -81,11 +120,7 @@ class D2L:
     def document_chunks(self, document: str) -> tuple[list[list[int]], int]:
         """(chunks of templated token ids, total templated tokens). Raises for bad or too long input."""
         ids = tokenize_document(self.base._require_tokenizer(), document, self.affixes)
-        # Every chunk but a lone one gains some affixes; leave room so chunks stay <= max_chunk_len.
-        room = self.config.max_chunk_len - sum(map(len, self.affixes))
-        if room < 1:
-            raise ValueError(f"max_chunk_len={self.config.max_chunk_len} leaves no room beside the chat affixes")
-        chunks = split_into_chunks(ids, self.affixes, room if len(ids) > self.config.max_chunk_len else len(ids))
+        chunks = chunk_document(ids, self.affixes, self.config.max_chunk_len)
         if len(chunks) > self.config.max_chunks:
             raise ValueError(
                 f"the document has {len(ids)} tokens = {len(chunks)} chunks of <= {self.config.max_chunk_len}; "

@@ -43,3 +43,20 @@ def split_into_chunks(ids: list[int], affixes: tuple[list[int], list[int]], max_
     prefix, suffix = affixes
     chunks = [list(ids[i : i + size]) for i in range(0, len(ids), size)]
     return [(prefix if i else []) + c + (suffix if i < len(chunks) - 1 else []) for i, c in enumerate(chunks)]
+
+
+def chunk_document(
+    ids: list[int], affixes: tuple[list[int], list[int]], max_chunk_len: int, num_pieces: int | None = None
+) -> list[list[int]]:
+    """Chunks of templated ids, each at most ``max_chunk_len`` tokens with its affixes.
+
+    A document that fits stays whole; a longer one is split into the fewest pieces that leave room for
+    the affixes, or into ``num_pieces`` pieces when given (training's sampled chunk count; at least the
+    fewest that fit). Raises ValueError when the affixes alone do not fit.
+    """
+    room = max_chunk_len - sum(map(len, affixes))
+    if room < 1:
+        raise ValueError(f"max_chunk_len={max_chunk_len} leaves no room beside the chat affixes ({sum(map(len, affixes))} tokens)")
+    fewest = 1 if len(ids) <= max_chunk_len else math.ceil(len(ids) / room)
+    pieces = max(fewest, num_pieces or 1)
+    return split_into_chunks(ids, affixes, math.ceil(len(ids) / pieces) if pieces > 1 else len(ids))

@@ -1,0 +1,71 @@
+"""Grain pipelines from record sources to static-shape training batches, and generic record sources."""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+from typing import Any
+
+import grain
+
+from d2l_jax.data.examples import BatchShapes, TrainExampleBuilder, collate, fits
+
+RECORD_FIELDS = ("context", "prompt", "response")
+
+
+def training_batches(
+    source,
+    builder: TrainExampleBuilder,
+    shapes: BatchShapes,
+    batch_size: int,
+    micro_batches: int = 1,
+    seed: int = 0,
+    shard_index: int = 0,
+    shard_count: int = 1,
+) -> grain.IterDataset:
+    """An endless, shuffled (reshuffled each epoch), checkpointable stream of training batches.
+
+    ``source`` is any random-access source of ``{"context", "prompt", "response"}`` records. Each
+    process reads its own ``shard_index``-th of every ``shard_count`` records and builds batches of
+    ``batch_size * micro_batches`` examples shaped ``[micro_batches, batch_size, ...]``. Examples that do
+    not fit ``shapes`` are skipped, as the reference drops them.
+    """
+    if not 0 <= shard_index < shard_count:
+        raise ValueError(f"shard_index={shard_index} outside [0, shard_count={shard_count})")
+    dataset = grain.MapDataset.source(source)[shard_index::shard_count]
+    dataset = dataset.seed(seed).shuffle().repeat().random_map(builder)
+    return (
+        dataset.to_iter_dataset()
+        .filter(functools.partial(fits, shapes=shapes))
+        .batch(batch_size * micro_batches, drop_remainder=True, batch_fn=functools.partial(collate, shapes=shapes, micro_batches=micro_batches))
+    )
+
+
+class RecordSource:
+    """Random access to ``{"context", "prompt", "response", ...}`` records from a JSON Lines (``.jsonl``)
+    or parquet (``.parquet``) file. Raises ValueError naming the file and record when a field is missing."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if self.path.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            self.records = pq.read_table(self.path).to_pylist()
+        elif self.path.suffix in (".jsonl", ".json"):
+            with open(self.path) as f:
+                self.records = [json.loads(line) for line in f if line.strip()]
+        else:
+            raise ValueError(f"{self.path}: expected a .jsonl or .parquet file")
+        for number, record in enumerate(self.records):
+            missing = [k for k in RECORD_FIELDS if k not in record]
+            if missing:
+                raise ValueError(f"{self.path}: record {number} lacks {missing}")
+        if not self.records:
+            raise ValueError(f"{self.path} has no records")
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.records[index]

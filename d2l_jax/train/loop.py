@@ -1,0 +1,255 @@
+"""The meta-training loop: data, sharded steps, metrics, periodic NIAH evaluation, checkpoints, resume."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+from d2l_jax.api import D2L
+from d2l_jax.data.chunking import document_affixes
+from d2l_jax.data.examples import BatchShapes, ChunkSampling, TrainExampleBuilder
+from d2l_jax.data.niah import NIAHSource
+from d2l_jax.data.pipeline import RecordSource, training_batches
+from d2l_jax.eval import niah
+from d2l_jax.hypernet.config import HypernetConfig
+from d2l_jax.models.base_model import BaseModel, load_base_model
+from d2l_jax.train.checkpoint import Checkpointer, base_identity
+from d2l_jax.train.config import TrainConfig
+from d2l_jax.train.step import Trainer
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Where training records come from and the static batch shapes.
+
+    source: ``"niah"`` (generated needle-in-a-haystack contexts of ``niah_tokens`` = (lo, hi) tokens) or
+      a ``.jsonl`` / ``.parquet`` file of ``context, prompt, response`` records.
+    chunk_probs / min_chunk_len: the reference's training-time chunk-count sampling (empty: no splitting).
+    The rest are ``BatchShapes`` fields; ``max_chunk_len`` comes from the hypernetwork config.
+    """
+
+    source: str = "niah"
+    niah_tokens: tuple[int, int] = (32, 256)
+    niah_records: int = 1_000_000
+    chunk_probs: tuple[tuple[int, float], ...] = ()
+    min_chunk_len: int = 25
+    chunks_per_context: int = 1
+    max_student_len: int = 48
+    max_labels: int = 8
+    max_teacher_len: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """Everything a meta-training run needs (``eval_every``/``checkpoint_every``/``log_every`` in steps,
+    0 disables; ``time_limit_minutes`` stops training, evaluation excluded, after that long; 0 = none)."""
+
+    model: str
+    hypernet: HypernetConfig
+    train: TrainConfig
+    data: DataConfig
+    eval_every: int = 200
+    eval_contexts: int = 48
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    time_limit_minutes: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "RunConfig":
+        def tuples(x):
+            return tuple(tuples(v) for v in x) if isinstance(x, list) else x
+
+        parts = dict(hypernet=HypernetConfig, train=TrainConfig, data=DataConfig)
+        fields = {k: v for k, v in d.items() if k not in parts}
+        for name, kind in parts.items():
+            fields[name] = kind(**{k: tuples(v) for k, v in d[name].items()})
+        return cls(**fields)
+
+
+def record_source(data: DataConfig, tokenizer, split: str, seed: int, records: int | None = None):
+    if data.source == "niah":
+        lo, hi = data.niah_tokens
+        return NIAHSource(tokenizer, split, lo, hi, records or data.niah_records, seed=seed)
+    if split != "train":
+        raise ValueError(f"only the NIAH source has a {split!r} split; evaluate file sources with launch.evaluate")
+    return RecordSource(data.source)
+
+
+class MetricsWriter:
+    """Appends metrics to ``metrics.jsonl`` and TensorBoard event files (``tb/``), from process 0 only."""
+
+    def __init__(self, workdir: Path):
+        self.enabled = jax.process_index() == 0
+        if self.enabled:
+            from tensorboardX import SummaryWriter
+
+            self.file = open(workdir / "metrics.jsonl", "a")
+            self.tb = SummaryWriter(str(workdir / "tb"))
+
+    def write(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.file.flush()
+        for name, value in metrics.items():
+            self.tb.add_scalar(name, value, step)
+        self.tb.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self.file.close()
+            self.tb.close()
+
+
+class _StopOnSignal:
+    """Turns SIGTERM (TPU preemption) into a flag the loop checks between steps."""
+
+    def __init__(self):
+        self.requested = False
+
+    def __enter__(self):
+        self.previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        log.warning("SIGTERM: saving a checkpoint and stopping")
+        self.requested = True
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGTERM, self.previous)
+
+
+def evaluate(base: BaseModel, hyper: HypernetConfig, params, records) -> dict[str, float]:
+    """NIAH exact match of the student without the document in the prompt."""
+    replies = niah.student_replies(D2L(base, hyper, params), records)
+    return {"eval/student_exact_match": niah.exact_match(replies, records), "eval/example_reply": replies[0]}
+
+
+def train(run: RunConfig, workdir: str | Path, base: BaseModel | None = None, stop_after: int | None = None) -> dict[str, Any]:
+    """Runs (or resumes) meta-training in ``workdir``; returns the final metrics.
+
+    ``base`` defaults to loading ``run.model``; ``stop_after`` ends this call (with a checkpoint) after
+    that many steps, so training can continue later from the same workdir.
+    Writes ``config.json``, ``metrics.jsonl``, TensorBoard events under ``tb/`` and checkpoints under
+    ``checkpoints/`` (resumed from the latest one when present).
+    """
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    base = base or load_base_model(run.model)
+    tokenizer = base._require_tokenizer()
+    trainer = Trainer(run.hypernet, base.config, run.train)
+    base_params = trainer.put_base_params(base.params)
+    identity = base_identity(run.model, base.config, base.params)
+
+    builder = TrainExampleBuilder(
+        tokenizer,
+        document_affixes(tokenizer),
+        base.stop_token_ids,
+        run.hypernet.max_chunk_len,
+        ChunkSampling(run.data.chunk_probs, run.data.min_chunk_len),
+        with_teacher=run.train.uses_teacher and run.train.teacher == "online",
+    )
+    shapes = BatchShapes(
+        max_chunk_len=run.hypernet.max_chunk_len,
+        chunks_per_context=run.data.chunks_per_context,
+        max_student_len=run.data.max_student_len,
+        max_labels=run.data.max_labels,
+        max_teacher_len=run.data.max_teacher_len,
+        top_k=run.train.top_k,
+    )
+    batches = iter(
+        training_batches(
+            record_source(run.data, tokenizer, "train", run.train.seed),
+            builder,
+            shapes,
+            run.train.batch_size // jax.process_count(),
+            run.train.grad_accum_steps,
+            seed=run.train.seed,
+            shard_index=jax.process_index(),
+            shard_count=jax.process_count(),
+        )
+    )
+    checkpoints = Checkpointer(workdir / "checkpoints", keep=run.keep_checkpoints)
+    if checkpoints.latest_step() is not None:
+        state, step = checkpoints.restore(trainer.abstract_state(), identity, batches)
+        log.info("resumed from step %d", step)
+    else:
+        state, step = trainer.init_state(), 0
+    (workdir / "config.json").write_text(json.dumps(run.to_json(), indent=2))
+    writer = MetricsWriter(workdir)
+
+    eval_records = []
+    if run.eval_every and run.data.source == "niah":
+        val = record_source(run.data, tokenizer, "val", run.train.seed, records=run.eval_contexts)
+        eval_records = [val[i] for i in range(len(val))]
+        if step == 0:
+            floor = niah.exact_match(niah.base_replies(base, eval_records, with_context=False), eval_records)
+            writer.write(0, {"eval/base_without_document_exact_match": floor})
+
+    def save(force: bool = False) -> None:
+        checkpoints.save(step, state, run.to_json(), identity, data_iterator=batches, force=force)
+
+    limit = run.time_limit_minutes * 60 or float("inf")
+    last_step = run.train.steps if stop_after is None else min(run.train.steps, step + stop_after)
+    trained_seconds, window_start, window_tokens = 0.0, time.perf_counter(), 0
+    last: dict[str, Any] = {}
+    evaluated_at = None
+
+    def run_eval() -> None:
+        nonlocal evaluated_at
+        result = evaluate(base, run.hypernet, state.params, eval_records)
+        writer.write(step, {k: v for k, v in result.items() if isinstance(v, float)})
+        log.info("step %d: %s", step, result)
+        last.update(result)
+        evaluated_at = step
+    with _StopOnSignal() as stop, tqdm(total=run.train.steps, initial=step, desc="meta-training", disable=jax.process_index() != 0) as bar:
+        while step < last_step and not stop.requested and trained_seconds < limit:
+            batch = next(batches)
+            window_tokens += int(batch["ctx_mask"].sum() + batch["mask"].sum())
+            state, metrics = trainer.step(state, base_params, trainer.put_batch(batch))
+            step += 1
+            bar.update()
+            if step % run.log_every == 0 or step == last_step:
+                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                seconds = time.perf_counter() - window_start
+                steps_in_window = step % run.log_every or run.log_every
+                trained_seconds += seconds
+                metrics.update(
+                    step_seconds=seconds / steps_in_window,
+                    tokens_per_second=window_tokens / seconds,
+                    train_minutes=trained_seconds / 60,
+                )
+                if trainer.flops_per_step:
+                    metrics["flops_per_second"] = trainer.flops_per_step * steps_in_window / seconds
+                writer.write(step, metrics)
+                bar.set_postfix(loss=f"{metrics['loss']:.3f}")
+                last.update(metrics)
+                window_start, window_tokens = time.perf_counter(), 0
+            if eval_records and step % run.eval_every == 0:
+                run_eval()
+                window_start = time.perf_counter()
+            if run.checkpoint_every and step % run.checkpoint_every == 0:
+                save()
+        if eval_records and evaluated_at != step:
+            run_eval()
+        save(force=True)
+        checkpoints.wait()
+    writer.close()
+    checkpoints.close()
+    last["step"] = step
+    return last

@@ -1,0 +1,197 @@
+"""The meta-training step: document chunks -> adapters -> student loss against the teacher, jitted once.
+
+A batch is a dict of arrays whose first two axes are ``[A, B]``: A micro-batches (gradient
+accumulation) of B (context, query) rows. Per micro-batch:
+
+  ctx_tokens, ctx_mask        [N, Tc]  the chunks of the B contexts (right-padded; N >= chunks in use)
+  chunk_document, chunk_slot  [N]      owning row (B marks a padding chunk) and position in its context
+  num_chunks                  [B]      chunks per context
+  tokens, mask                [B, Ts]  student sequence without the context (right-padded)
+  label_positions             [B, P]   positions whose logits predict the labels (label index - 1)
+  labels, label_mask          [B, P]   label token ids and which are real
+  online teacher:  teacher_tokens, teacher_mask [B, Tt], teacher_label_positions [B, P]
+  offline teacher: teacher_log_probs, teacher_ids [B, P, K]
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+from d2l_jax import sharding
+from d2l_jax.hypernet.config import HypernetConfig
+from d2l_jax.hypernet.hypernet import document_adapters, init_hypernet
+from d2l_jax.models.decoder import Decoder
+from d2l_jax.models.families import DecoderConfig
+from d2l_jax.train import losses
+from d2l_jax.train.config import TrainConfig
+from d2l_jax.train.optimizer import learning_rate_schedule, make_optimizer
+
+
+@struct.dataclass
+class TrainState:
+    """What an optimizer step changes: the step count, hypernetwork parameters and optimizer state."""
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+
+
+def _positions(mask):
+    return jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+
+
+def label_logits(base: DecoderConfig, base_params, tokens, mask, label_positions, lora=None):
+    """The base model's float32 logits ``[B, P, V]`` at ``label_positions`` only (with ``lora`` if given)."""
+    out = Decoder(base).apply(
+        {"params": base_params}, tokens, _positions(mask), mask, lora=lora, logit_positions=label_positions
+    )
+    return out.logits
+
+
+def micro_batch_loss(params, base_params, batch, *, hyper: HypernetConfig, base: DecoderConfig, train: TrainConfig):
+    """(total loss, metrics) of one micro-batch; gradients flow into ``params`` only."""
+    base_params = jax.lax.stop_gradient(base_params)
+    lora = document_adapters(
+        hyper,
+        base,
+        base_params,
+        params,
+        batch["ctx_tokens"][None],
+        batch["ctx_mask"][None],
+        batch["chunk_document"],
+        batch["chunk_slot"],
+        batch["num_chunks"],
+    )
+    # Pin the adapters to the batch layout. Without this, XLA mis-partitions the combine scatter on
+    # data x fsdp x tensor meshes (rows of other shards come out wrong; seen with jax 0.10).
+    lora = jax.tree.map(lambda x: sharding.constrain(x, ("activation_batch", None, None, None)), lora)
+    logits = label_logits(base, base_params, batch["tokens"], batch["mask"], batch["label_positions"], lora)
+    mask = batch["label_mask"]
+    if train.loss == "ce":
+        distill = losses.cross_entropy(logits, batch["labels"], mask)
+    else:
+        if train.teacher == "online":
+            teacher = jax.lax.stop_gradient(
+                label_logits(base, base_params, batch["teacher_tokens"], batch["teacher_mask"], batch["teacher_label_positions"])
+            )
+        if train.loss == "full_kl":
+            distill = losses.full_kl(logits, teacher, mask)
+        else:
+            if train.teacher == "online":
+                log_probs, ids = losses.top_k_targets(teacher, train.top_k)
+            else:
+                log_probs, ids = batch["teacher_log_probs"], batch["teacher_ids"]
+            distill = losses.top_k_kl(logits, log_probs, ids, mask)
+    l1 = losses.lora_l1(lora, batch["num_chunks"], hyper.lora_rank, hyper.use_bias)
+    total = distill + train.l1_coef * l1
+    return total, {"loss": total, "distill": distill, "l1": l1, "label_tokens": mask.sum()}
+
+
+def train_step(state: TrainState, base_params, batch, *, hyper, base, train, optimizer):
+    """One optimizer update from ``A`` micro-batches (gradients and metrics averaged over them)."""
+    grad_fn = jax.value_and_grad(functools.partial(micro_batch_loss, hyper=hyper, base=base, train=train), has_aux=True)
+
+    def accumulate(carry, micro):
+        (_, metrics), grads = grad_fn(state.params, base_params, micro)
+        return jax.tree.map(jnp.add, carry, (grads, metrics)), None
+
+    micro_batches = next(iter(batch.values())).shape[0]
+    first = jax.tree.map(lambda x: x[0], batch)
+    (_, metrics), grads = grad_fn(state.params, base_params, first)
+    if micro_batches > 1:
+        rest = jax.tree.map(lambda x: x[1:], batch)
+        (grads, metrics), _ = jax.lax.scan(accumulate, (grads, metrics), rest)
+        grads, metrics = jax.tree.map(lambda x: x / micro_batches, (grads, metrics))
+    metrics["label_tokens"] = metrics["label_tokens"] * micro_batches
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics["grad_norm"] = optax.tree.norm(grads)
+    metrics["learning_rate"] = learning_rate_schedule(train)(state.step)
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+class Trainer:
+    """The sharded, jitted meta-training step for one (hypernet, base model, training) configuration.
+
+    ``init_state`` creates the training state directly on the mesh; ``step(state, batch)`` runs one
+    update with the state donated. The step is compiled once per batch shape (batches have static
+    shapes, so once in a run).
+    """
+
+    def __init__(self, hyper: HypernetConfig, base: DecoderConfig, train: TrainConfig, mesh: jax.sharding.Mesh | None = None):
+        hyper.check_base(base)
+        self.hyper, self.base, self.train = hyper, base, train
+        self.mesh = mesh if mesh is not None else sharding.make_mesh(dict(train.mesh))
+        self.optimizer = make_optimizer(train)
+        rows = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        if train.batch_size % rows:
+            raise ValueError(f"batch_size={train.batch_size} must be a multiple of the data x fsdp mesh size {rows}")
+
+        boxed_params = jax.eval_shape(lambda: init_hypernet(hyper, base, jax.random.key(0)))
+        boxed_state = TrainState(
+            step=jax.ShapeDtypeStruct((), jnp.int32),
+            params=boxed_params,
+            opt_state=jax.eval_shape(self.optimizer.init, boxed_params),
+        )
+        self.state_shardings = sharding.logical_shardings(boxed_state, self.mesh)
+        boxed_base = jax.eval_shape(
+            lambda: Decoder(base).init(jax.random.key(0), *(jnp.zeros((1, 1), jnp.int32),) * 3, compute_logits=True)
+        )["params"]
+        self.base_shardings = sharding.logical_shardings(boxed_base, self.mesh)
+        self.batch_sharding = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(None, ("data", "fsdp")))
+        self.replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+
+        step = functools.partial(train_step, hyper=hyper, base=base, train=train, optimizer=self.optimizer)
+        self._step = jax.jit(
+            step,
+            in_shardings=(self.state_shardings, self.base_shardings, self.batch_sharding),
+            out_shardings=(self.state_shardings, self.replicated),
+            donate_argnums=0,
+        )
+        self._init = jax.jit(self._fresh_state, out_shardings=self.state_shardings)
+        self._compiled = None
+        self.flops_per_step: float | None = None
+
+    def _fresh_state(self, key) -> TrainState:
+        params = nn.unbox(init_hypernet(self.hyper, self.base, key))
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.optimizer.init(params))
+
+    def init_state(self, key=None) -> TrainState:
+        """A fresh training state (hypernetwork initialised from ``train.seed`` unless ``key`` is given)."""
+        with sharding.mesh_rules(self.mesh):
+            return self._init(key if key is not None else jax.random.key(self.train.seed))
+
+    def abstract_state(self) -> TrainState:
+        """The state's shapes, dtypes and shardings, without allocating it (the restore target)."""
+        shapes = jax.eval_shape(self._fresh_state, jax.random.key(0))
+        return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, self.state_shardings)
+
+    def put_base_params(self, base_params):
+        """The frozen base parameters placed on the mesh (sharded as the logical rules say)."""
+        return jax.device_put(base_params, self.base_shardings)
+
+    def put_batch(self, batch: dict):
+        """This process's part of a batch (``[A, B / processes, ...]`` numpy arrays) as global arrays."""
+        return jax.tree.map(lambda x: jax.make_array_from_process_local_data(self.batch_sharding, x), batch)
+
+    def compile(self, state: TrainState, base_params, batch: dict):
+        """Compiles the step for these argument shapes (done by the first ``step``); later batches must
+        have the same shapes. Sets ``flops_per_step`` from the compiled program's cost analysis."""
+        with sharding.mesh_rules(self.mesh):
+            self._compiled = self._step.lower(state, base_params, batch).compile()
+        cost = self._compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        self.flops_per_step = float(cost["flops"]) if cost and "flops" in cost else None
+        return self._compiled
+
+    def step(self, state: TrainState, base_params, batch: dict) -> tuple[TrainState, dict]:
+        """One update; ``state`` is donated (do not reuse it). Metrics are device scalars."""
+        compiled = self._compiled or self.compile(state, base_params, batch)
+        return compiled(state, base_params, batch)

@@ -1,0 +1,45 @@
+"""NIAH meta-training of a CPU-sized D2L on the embedded SmolLM2-135M-Instruct.
+
+Start from the reference's NIAH recipe (early-exit context encoder, CE on the answer digits and the
+end-of-turn token, contexts of 32-256 tokens) with the changes recorded in ``results/niah_smollm2/``.
+Override any field on the command line, e.g. ``--config.train.learning_rate=1e-4``.
+"""
+
+import dataclasses
+
+import ml_collections
+
+from d2l_jax.hypernet.config import HypernetConfig
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.model = "smollm2-135m-instruct"
+    config.hypernet = dataclasses.asdict(HypernetConfig.niah_cpu())
+    config.train = dict(
+        loss="ce",
+        teacher="online",
+        l1_coef=0.1,
+        learning_rate=1e-3,
+        warmup_steps=50,
+        steps=1500,
+        batch_size=8,
+        grad_accum_steps=1,
+        seed=1,
+    )
+    config.data = dict(
+        source="niah",
+        niah_tokens=(32, 256),
+        chunk_probs=(),
+        min_chunk_len=25,
+        chunks_per_context=1,
+        max_student_len=40,
+        max_labels=8,
+        max_teacher_len=0,
+    )
+    config.eval_every = 250
+    config.eval_contexts = 48
+    config.checkpoint_every = 250
+    config.log_every = 10
+    config.time_limit_minutes = 60.0
+    return config

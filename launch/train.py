@@ -1,0 +1,41 @@
+"""Meta-trains D2L: ``python -m launch.train --config=experiments/niah_smollm2.py --workdir=DIR [--config.x=y]``.
+
+Resumes from the latest checkpoint in ``DIR/checkpoints``; SIGTERM saves and exits. Multi-host: pass
+``--coordinator_address``, ``--num_processes`` and ``--process_id`` (or nothing on a TPU VM, where the
+environment says it) and run the same command on every host.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file (ml_collections)", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "directory for checkpoints, metrics and the config", required=True)
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() (multi-host)")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host)")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "number of processes (multi-host)")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process's index (multi-host)")
+
+
+def main(argv):
+    del argv
+    import jax
+
+    if _DISTRIBUTED.value or _COORDINATOR.value:
+        jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    from d2l_jax.train.loop import RunConfig, train
+
+    logging.getLogger("d2l_jax").setLevel(logging.INFO)
+    run = RunConfig.from_json(json.loads(_CONFIG.value.to_json()))
+    result = train(run, _WORKDIR.value)
+    if jax.process_index() == 0:
+        print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    flags.mark_flag_as_required("config")
+    app.run(main)

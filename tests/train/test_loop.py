@@ -1,0 +1,130 @@
+"""The training loop: exact resume, SIGTERM, checkpoints of another base model or corrupt ones, D2L.load."""
+
+import dataclasses
+import json
+import os
+import shutil
+import signal
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from d2l_jax import D2L, BaseModel
+from d2l_jax.hypernet.config import HypernetConfig
+from d2l_jax.models.decoder import Decoder
+from d2l_jax.models.families import DecoderConfig
+from d2l_jax.train.checkpoint import CheckpointCorruptError, CheckpointMismatchError
+from d2l_jax.train.config import TrainConfig
+from d2l_jax.train.loop import DataConfig, RunConfig, train
+
+BASE = DecoderConfig(vocab_size=49152, hidden_size=64, intermediate_size=96, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=512)
+RUN = RunConfig(
+    model="tiny",
+    hypernet=HypernetConfig(
+        encoder_type="early_exit", latent_size=32, n_latent_queries=4, num_blocks=1, num_heads=4, head_dim=8, num_kv_heads=2,
+        lora_rank=2, max_chunk_len=64, max_chunks=2,
+    ),
+    train=TrainConfig(loss="ce", learning_rate=1e-3, warmup_steps=1, steps=6, batch_size=2, seed=0),
+    data=DataConfig(niah_tokens=(8, 37), max_student_len=36, max_labels=8),
+    eval_every=0,
+    checkpoint_every=0,
+    log_every=1,
+)
+
+
+def tiny_base(tokenizer, stop_ids, seed):
+    tokens = jnp.zeros((1, 4), jnp.int32)
+    params = nn.unbox(Decoder(BASE).init(jax.random.key(seed), tokens, tokens, tokens + 1))["params"]
+    return BaseModel("tiny", BASE, params, tokenizer, stop_ids)
+
+
+@pytest.fixture(scope="module")
+def base(smollm2):
+    return tiny_base(smollm2.tokenizer, smollm2.stop_token_ids, seed=1)
+
+
+@pytest.fixture(scope="module")
+def straight(base, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("straight")
+    train(RUN, workdir, base=base)
+    return workdir
+
+
+def losses(workdir):
+    rows = [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def files(directory):
+    return sorted((str(p.relative_to(directory)), p.stat().st_size) for p in Path(directory).rglob("*") if p.is_file())
+
+
+def test_resume_continues_exactly(base, straight, tmp_path):
+    result = train(RUN, tmp_path, base=base, stop_after=3)
+    assert result["step"] == 3
+    result = train(RUN, tmp_path, base=base)
+    assert result["step"] == 6
+    assert losses(tmp_path) == losses(straight)  # same data order and same numbers, bitwise
+    resumed, reference = D2L.load(tmp_path, base=base), D2L.load(straight, base=base)
+    jax.tree.map(np.testing.assert_array_equal, resumed.params, reference.params)
+    assert sorted(losses(straight)) == [1, 2, 3, 4, 5, 6]
+
+
+def test_loaded_hypernet_internalizes(base, straight):
+    d2l = D2L.load(straight, base=base)
+    assert d2l.config == RUN.hypernet
+    adapter = d2l.internalize("The special magic number is 1234.")
+    assert adapter.num_chunks == 1 and np.all(np.isfinite(np.asarray(adapter.B["down_proj"])))
+    assert np.abs(np.asarray(adapter.B["down_proj"])).max() > 0  # trained: B is no longer zero
+
+
+def test_checkpoint_of_another_base_model_is_refused(smollm2, straight):
+    before = files(straight)
+    other = tiny_base(smollm2.tokenizer, smollm2.stop_token_ids, seed=2)
+    with pytest.raises(CheckpointMismatchError, match="trained on base model 'tiny'"):
+        D2L.load(straight, base=other)
+    with pytest.raises(CheckpointMismatchError):
+        train(RUN, straight, base=other)
+    assert files(straight) == before
+
+
+def test_corrupt_checkpoint_gives_a_clear_error_and_is_left_alone(base, straight, tmp_path):
+    workdir = tmp_path / "run"
+    shutil.copytree(straight, workdir)
+    for path in (workdir / "checkpoints" / "6" / "params").rglob("*"):
+        if path.is_file() and path.stat().st_size > 0 and "metadata" not in path.name:
+            path.write_bytes(b"\0" * 7)
+    before = files(workdir)
+    with pytest.raises(CheckpointCorruptError, match="step 6"):
+        D2L.load(workdir, base=base)
+    with pytest.raises(CheckpointCorruptError):
+        train(RUN, workdir, base=base)
+    assert files(workdir) == before
+
+
+def test_sigterm_saves_and_stops(base, tmp_path):
+    run = dataclasses.replace(RUN, train=RUN.train.replace(steps=200))
+    # Deliver SIGTERM from inside the loop, at the third metrics write (log_every=1: one per step).
+    writes = {"n": 0}
+    from d2l_jax.train import loop
+
+    original = loop.MetricsWriter.write
+
+    def write(self, step, metrics):
+        original(self, step, metrics)
+        writes["n"] += 1
+        if writes["n"] == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    loop.MetricsWriter.write = write
+    try:
+        result = train(run, tmp_path, base=base)
+    finally:
+        loop.MetricsWriter.write = original
+    assert 3 <= result["step"] < 200
+    assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [result["step"]]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the loop's handler is removed again

@@ -1,0 +1,106 @@
+"""The jitted train step: teacher paths, learning, accumulation, compilation, optimizer details."""
+
+import functools
+
+import jax
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from d2l_jax.train import losses
+from d2l_jax.train.config import TrainConfig
+from d2l_jax.train.optimizer import learning_rate_schedule, weight_decay_mask
+from d2l_jax.train.step import Trainer, label_logits, micro_batch_loss
+from tests.train.conftest import BASE, HYPER, random_batch
+
+SGD_LIKE = dict(warmup_steps=0, steps=100, learning_rate=1e-3, min_learning_rate=1e-3)
+
+
+def loss_and_grads(params, base_params, micro, train):
+    fn = functools.partial(micro_batch_loss, hyper=HYPER, base=BASE, train=train)
+    return jax.jit(jax.value_and_grad(fn, has_aux=True))(params, base_params, micro)
+
+
+def test_online_and_offline_teacher_give_the_same_loss_and_gradients(base_params):
+    trainer = Trainer(HYPER, BASE, TrainConfig(batch_size=2, **SGD_LIKE))
+    params = trainer.init_state().params
+    micro = jax.tree.map(lambda x: x[0], random_batch())
+    teacher = label_logits(BASE, base_params, micro["teacher_tokens"], micro["teacher_mask"], micro["teacher_label_positions"])
+    log_probs, ids = losses.top_k_targets(teacher, 16)
+    offline = {k: v for k, v in micro.items() if not k.startswith("teacher")} | {"teacher_log_probs": log_probs, "teacher_ids": ids}
+    (online_loss, _), online_grads = loss_and_grads(params, base_params, micro, TrainConfig(teacher="online"))
+    (offline_loss, _), offline_grads = loss_and_grads(params, base_params, offline, TrainConfig(teacher="offline"))
+    assert float(online_loss) > 0
+    np.testing.assert_allclose(online_loss, offline_loss, rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8), online_grads, offline_grads)
+
+
+@pytest.mark.parametrize("loss", ["ce", "top_k_kl", "full_kl"])
+def test_a_few_steps_lower_the_loss(base_params, loss):
+    trainer = Trainer(HYPER, BASE, TrainConfig(loss=loss, batch_size=2, l1_coef=0.0, **(SGD_LIKE | {"learning_rate": 1e-2, "min_learning_rate": 1e-2})))
+    state, base = trainer.init_state(), trainer.put_base_params(base_params)
+    batch = trainer.put_batch(random_batch())
+    history = []
+    for _ in range(8):
+        state, metrics = trainer.step(state, base, batch)
+        history.append(float(metrics["loss"]))
+    assert all(b < a for a, b in zip(history, history[1:])), history
+    assert history[-1] < 0.95 * history[0], history
+    assert int(state.step) == 8
+
+
+def test_accumulated_micro_batches_equal_one_large_batch(base_params):
+    """Two micro-batches of 2 rows give the update of one batch of 4 (each row has labels)."""
+    split = random_batch(seed=3, micro_batches=2, rows=2)
+    rows = 4
+    joined = {}
+    for key, x in split.items():
+        if key == "chunk_document":  # renumber the owners of the second micro-batch's chunks
+            x = np.where(x == 2, rows, x + np.array([[0], [2]]))
+        joined[key] = x.reshape(1, -1, *x.shape[2:])
+    results = []
+    for batch, (a, b) in [(split, (2, 2)), (joined, (1, 4))]:
+        trainer = Trainer(HYPER, BASE, TrainConfig(loss="ce", batch_size=b, grad_accum_steps=a, **SGD_LIKE))
+        state = trainer.init_state()
+        state, metrics = trainer.step(state, trainer.put_base_params(base_params), trainer.put_batch(batch))
+        results.append((state.params, metrics))
+    np.testing.assert_allclose(results[0][1]["grad_norm"], results[1][1]["grad_norm"], rtol=1e-5)
+    np.testing.assert_allclose(results[0][1]["loss"], results[1][1]["loss"], rtol=1e-5)
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6), results[0][0], results[1][0])
+
+
+def test_the_step_compiles_once(base_params):
+    compiles = []
+    listener = lambda event, duration, **kw: compiles.append(event) if event == "/jax/core/compile/backend_compile_duration" else None
+    trainer = Trainer(HYPER, BASE, TrainConfig(batch_size=2, **SGD_LIKE))
+    state, base = trainer.init_state(), trainer.put_base_params(base_params)
+    state, _ = trainer.step(state, base, trainer.put_batch(random_batch(seed=0)))
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        for seed in range(1, 4):  # new data, same shapes
+            state, metrics = trainer.step(state, base, trainer.put_batch(random_batch(seed=seed)))
+        jax.block_until_ready(metrics)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert compiles == []
+    assert trainer.flops_per_step and trainer.flops_per_step > 0
+
+
+def test_weight_decay_mask_and_schedule():
+    trainer = Trainer(HYPER, BASE, TrainConfig(batch_size=2))
+    flat = traverse_util.flatten_dict(weight_decay_mask(trainer.init_state().params), sep="/")
+    excluded = sorted(k for k, decayed in flat.items() if not decayed)
+    assert all(any(w in k.lower() for w in ("norm", "scaler", "bias", "latents_q")) for k in excluded)
+    assert flat["perceiver/encoder/layers/q_proj"] and flat["head/head"]
+    assert not flat["perceiver/encoder/latents_q"] and not flat["head/scaler_B_down_proj"] and not flat["head/bias_A_q_proj"]
+    schedule = learning_rate_schedule(TrainConfig(learning_rate=4e-5, warmup_steps=100, steps=1000))
+    np.testing.assert_allclose([schedule(0), schedule(50), schedule(100), schedule(1000)], [0, 2e-5, 4e-5, 1e-7], rtol=1e-5)
+
+
+def test_bad_configs_are_rejected():
+    with pytest.raises(ValueError, match="full_kl"):
+        TrainConfig(loss="full_kl", teacher="offline")
+    with pytest.raises(ValueError, match="loss="):
+        TrainConfig(loss="mse")
+    with pytest.raises(ValueError, match="warmup_steps"):
+        TrainConfig(warmup_steps=10, steps=10)

@@ -15,7 +15,7 @@ RECORD_FIELDS = ("context", "prompt", "response")
 
 
 def training_batches(
-    source,
+    sources,
     builder: TrainExampleBuilder,
     shapes: BatchShapes,
     batch_size: int,
@@ -26,15 +26,17 @@ def training_batches(
 ) -> grain.IterDataset:
     """An endless, shuffled (reshuffled each epoch), checkpointable stream of training batches.
 
-    ``source`` is any random-access source of ``{"context", "prompt", "response"}`` records. Each
-    process reads its own ``shard_index``-th of every ``shard_count`` records and builds batches of
-    ``batch_size * micro_batches`` examples shaped ``[micro_batches, batch_size, ...]``. Examples that do
-    not fit ``shapes`` are skipped, as the reference drops them.
+    ``sources`` is a random-access source of ``{"context", "prompt", "response"}`` records, or a list of
+    them mixed in equal proportions. Each process reads its own ``shard_index``-th of every
+    ``shard_count`` records and builds batches of ``batch_size * micro_batches`` examples shaped
+    ``[micro_batches, batch_size, ...]``. Examples that do not fit ``shapes`` are skipped, as the
+    reference drops them.
     """
     if not 0 <= shard_index < shard_count:
         raise ValueError(f"shard_index={shard_index} outside [0, shard_count={shard_count})")
-    dataset = grain.MapDataset.source(source)[shard_index::shard_count]
-    dataset = dataset.seed(seed).shuffle().repeat().random_map(builder)
+    sources = sources if isinstance(sources, (list, tuple)) else [sources]
+    parts = [grain.MapDataset.source(s)[shard_index::shard_count].seed(seed + i).shuffle() for i, s in enumerate(sources)]
+    dataset = (parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts)).repeat().random_map(builder, seed=seed)
     return (
         dataset.to_iter_dataset()
         .filter(functools.partial(fits, shapes=shapes))

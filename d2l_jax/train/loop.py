@@ -33,14 +33,16 @@ log = logging.getLogger(__name__)
 class DataConfig:
     """Where training records come from and the static batch shapes.
 
-    source: ``"niah"`` (generated needle-in-a-haystack contexts of ``niah_tokens`` = (lo, hi) tokens) or
-      a ``.jsonl`` / ``.parquet`` file of ``context, prompt, response`` records.
+    source: ``"niah"`` (generated needle-in-a-haystack contexts, mixed equally from the token-length bins
+      ``niah_bins``; evaluated on ``niah_eval_bin``) or a ``.jsonl`` / ``.parquet`` file of
+      ``context, prompt, response`` records.
     chunk_probs / min_chunk_len: the reference's training-time chunk-count sampling (empty: no splitting).
     The rest are ``BatchShapes`` fields; ``max_chunk_len`` comes from the hypernetwork config.
     """
 
     source: str = "niah"
-    niah_tokens: tuple[int, int] = (32, 256)
+    niah_bins: tuple[tuple[int, int], ...] = ((32, 256),)
+    niah_eval_bin: tuple[int, int] = (32, 256)
     niah_records: int = 1_000_000
     chunk_probs: tuple[tuple[int, float], ...] = ()
     min_chunk_len: int = 25
@@ -81,13 +83,10 @@ class RunConfig:
         return cls(**fields)
 
 
-def record_source(data: DataConfig, tokenizer, split: str, seed: int, records: int | None = None):
+def training_sources(data: DataConfig, tokenizer, seed: int) -> list:
     if data.source == "niah":
-        lo, hi = data.niah_tokens
-        return NIAHSource(tokenizer, split, lo, hi, records or data.niah_records, seed=seed)
-    if split != "train":
-        raise ValueError(f"only the NIAH source has a {split!r} split; evaluate file sources with launch.evaluate")
-    return RecordSource(data.source)
+        return [NIAHSource(tokenizer, "train", lo, hi, data.niah_records, seed=seed) for lo, hi in data.niah_bins]
+    return [RecordSource(data.source)]
 
 
 class MetricsWriter:
@@ -140,22 +139,9 @@ def evaluate(base: BaseModel, hyper: HypernetConfig, params, records) -> dict[st
     return {"eval/student_exact_match": niah.exact_match(replies, records), "eval/example_reply": replies[0]}
 
 
-def train(run: RunConfig, workdir: str | Path, base: BaseModel | None = None, stop_after: int | None = None) -> dict[str, Any]:
-    """Runs (or resumes) meta-training in ``workdir``; returns the final metrics.
-
-    ``base`` defaults to loading ``run.model``; ``stop_after`` ends this call (with a checkpoint) after
-    that many steps, so training can continue later from the same workdir.
-    Writes ``config.json``, ``metrics.jsonl``, TensorBoard events under ``tb/`` and checkpoints under
-    ``checkpoints/`` (resumed from the latest one when present).
-    """
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    base = base or load_base_model(run.model)
+def training_batch_stream(run: RunConfig, base: BaseModel):
+    """This process's Grain stream of training batches for ``run`` (static shapes, checkpointable)."""
     tokenizer = base._require_tokenizer()
-    trainer = Trainer(run.hypernet, base.config, run.train)
-    base_params = trainer.put_base_params(base.params)
-    identity = base_identity(run.model, base.config, base.params)
-
     builder = TrainExampleBuilder(
         tokenizer,
         document_affixes(tokenizer),
@@ -172,18 +158,35 @@ def train(run: RunConfig, workdir: str | Path, base: BaseModel | None = None, st
         max_teacher_len=run.data.max_teacher_len,
         top_k=run.train.top_k,
     )
-    batches = iter(
-        training_batches(
-            record_source(run.data, tokenizer, "train", run.train.seed),
-            builder,
-            shapes,
-            run.train.batch_size // jax.process_count(),
-            run.train.grad_accum_steps,
-            seed=run.train.seed,
-            shard_index=jax.process_index(),
-            shard_count=jax.process_count(),
-        )
+    return training_batches(
+        training_sources(run.data, tokenizer, run.train.seed),
+        builder,
+        shapes,
+        run.train.batch_size // jax.process_count(),
+        run.train.grad_accum_steps,
+        seed=run.train.seed,
+        shard_index=jax.process_index(),
+        shard_count=jax.process_count(),
     )
+
+
+def train(run: RunConfig, workdir: str | Path, base: BaseModel | None = None, stop_after: int | None = None) -> dict[str, Any]:
+    """Runs (or resumes) meta-training in ``workdir``; returns the final metrics.
+
+    ``base`` defaults to loading ``run.model``; ``stop_after`` ends this call (with a checkpoint) after
+    that many steps, so training can continue later from the same workdir.
+    Writes ``config.json``, ``metrics.jsonl``, TensorBoard events under ``tb/`` and checkpoints under
+    ``checkpoints/`` (resumed from the latest one when present).
+    """
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    base = base or load_base_model(run.model)
+    tokenizer = base._require_tokenizer()
+    trainer = Trainer(run.hypernet, base.config, run.train)
+    base_params = trainer.put_base_params(base.params)
+    identity = base_identity(run.model, base.config, base.params)
+
+    batches = iter(training_batch_stream(run, base))
     checkpoints = Checkpointer(workdir / "checkpoints", keep=run.keep_checkpoints)
     if checkpoints.latest_step() is not None:
         state, step = checkpoints.restore(trainer.abstract_state(), identity, batches)
@@ -195,7 +198,7 @@ def train(run: RunConfig, workdir: str | Path, base: BaseModel | None = None, st
 
     eval_records = []
     if run.eval_every and run.data.source == "niah":
-        val = record_source(run.data, tokenizer, "val", run.train.seed, records=run.eval_contexts)
+        val = NIAHSource(tokenizer, "val", *run.data.niah_eval_bin, run.eval_contexts, seed=run.train.seed)
         eval_records = [val[i] for i in range(len(val))]
         if step == 0:
             floor = niah.exact_match(niah.base_replies(base, eval_records, with_context=False), eval_records)
@@ -206,8 +209,8 @@ def train(run: RunConfig, workdir: str | Path, base: BaseModel | None = None, st
 
     limit = run.time_limit_minutes * 60 or float("inf")
     last_step = run.train.steps if stop_after is None else min(run.train.steps, step + stop_after)
-    trained_seconds, window_start, window_tokens = 0.0, time.perf_counter(), 0
-    last: dict[str, Any] = {}
+    trained_seconds, window_start, window_steps, window_tokens = 0.0, time.perf_counter(), 0, 0
+    summary: dict[str, Any] = {}
     evaluated_at = None
 
     def run_eval() -> None:
@@ -215,11 +218,13 @@ def train(run: RunConfig, workdir: str | Path, base: BaseModel | None = None, st
         result = evaluate(base, run.hypernet, state.params, eval_records)
         writer.write(step, {k: v for k, v in result.items() if isinstance(v, float)})
         log.info("step %d: %s", step, result)
-        last.update(result)
+        summary.update(result)
         evaluated_at = step
+
     with _StopOnSignal() as stop, tqdm(total=run.train.steps, initial=step, desc="meta-training", disable=jax.process_index() != 0) as bar:
         while step < last_step and not stop.requested and trained_seconds < limit:
             batch = next(batches)
+            window_steps += 1
             window_tokens += int(batch["ctx_mask"].sum() + batch["mask"].sum())
             state, metrics = trainer.step(state, base_params, trainer.put_batch(batch))
             step += 1
@@ -227,22 +232,22 @@ def train(run: RunConfig, workdir: str | Path, base: BaseModel | None = None, st
             if step % run.log_every == 0 or step == last_step:
                 metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 seconds = time.perf_counter() - window_start
-                steps_in_window = step % run.log_every or run.log_every
                 trained_seconds += seconds
                 metrics.update(
-                    step_seconds=seconds / steps_in_window,
+                    step_seconds=seconds / window_steps,
                     tokens_per_second=window_tokens / seconds,
                     train_minutes=trained_seconds / 60,
                 )
                 if trainer.flops_per_step:
-                    metrics["flops_per_second"] = trainer.flops_per_step * steps_in_window / seconds
+                    metrics["flops_per_second"] = trainer.flops_per_step * window_steps / seconds
                 writer.write(step, metrics)
                 bar.set_postfix(loss=f"{metrics['loss']:.3f}")
-                last.update(metrics)
-                window_start, window_tokens = time.perf_counter(), 0
+                summary.update(metrics)
+                window_start, window_steps, window_tokens = time.perf_counter(), 0, 0
             if eval_records and step % run.eval_every == 0:
+                eval_start = time.perf_counter()
                 run_eval()
-                window_start = time.perf_counter()
+                window_start += time.perf_counter() - eval_start  # evaluation is not training time
             if run.checkpoint_every and step % run.checkpoint_every == 0:
                 save()
         if eval_records and evaluated_at != step:
@@ -251,5 +256,5 @@ def train(run: RunConfig, workdir: str | Path, base: BaseModel | None = None, st
         checkpoints.wait()
     writer.close()
     checkpoints.close()
-    last["step"] = step
-    return last
+    summary["step"] = step
+    return summary

@@ -31,6 +31,7 @@ from d2l_jax.models.decoder import Decoder
 from d2l_jax.models.families import DecoderConfig
 from d2l_jax.train import losses
 from d2l_jax.train.config import TrainConfig
+from d2l_jax.train.flops import train_step_flops
 from d2l_jax.train.optimizer import learning_rate_schedule, make_optimizer
 
 
@@ -183,12 +184,10 @@ class Trainer:
 
     def compile(self, state: TrainState, base_params, batch: dict):
         """Compiles the step for these argument shapes (done by the first ``step``); later batches must
-        have the same shapes. Sets ``flops_per_step`` from the compiled program's cost analysis."""
+        have the same shapes. Sets ``flops_per_step`` (analytic, see ``d2l_jax.train.flops``)."""
         with sharding.mesh_rules(self.mesh):
             self._compiled = self._step.lower(state, base_params, batch).compile()
-        cost = self._compiled.cost_analysis()
-        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-        self.flops_per_step = float(cost["flops"]) if cost and "flops" in cost else None
+        self.flops_per_step = train_step_flops(self.hyper, self.base, self.train, batch)
         return self._compiled
 
     def step(self, state: TrainState, base_params, batch: dict) -> tuple[TrainState, dict]:

@@ -29,7 +29,7 @@ RUN = RunConfig(
         lora_rank=2, max_chunk_len=64, max_chunks=2,
     ),
     train=TrainConfig(loss="ce", learning_rate=1e-3, warmup_steps=1, steps=6, batch_size=2, seed=0),
-    data=DataConfig(niah_tokens=(8, 37), max_student_len=36, max_labels=8),
+    data=DataConfig(niah_bins=((8, 37),), niah_eval_bin=(8, 37), max_student_len=36, max_labels=8),
     eval_every=0,
     checkpoint_every=0,
     log_every=1,

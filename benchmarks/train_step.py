@@ -1,0 +1,115 @@
+"""One meta-training step on the embedded SmolLM2: 256 context tokens + 64 student tokens, batch 1, fp32.
+
+The cases the authors' PyTorch code was measured on here (reference-cpu.md): the main configuration
+with the top-16 KL loss (offline teacher targets in the batch, as the reference trains) and with CE,
+and the NIAH configuration with CE. Each case runs in its own process so its peak memory is its own;
+step time is the median of ``--repeats`` steps after the compiling first step.
+
+    python benchmarks/train_step.py [--cases=main:top_k_kl,main:ce,niah:ce] [--repeats=5]
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import numpy as np
+from absl import app, flags
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from internalize import hypernet_config, matmul_gflops, peak_rss_gb  # noqa: E402
+
+_CASES = flags.DEFINE_list("cases", ["main:top_k_kl", "main:ce", "niah:ce"], "CONFIG:LOSS cases.")
+_REPEATS = flags.DEFINE_integer("repeats", 5, "Timed steps per case.")
+_CASE = flags.DEFINE_string("case", None, "Internal: run one case and print JSON.")
+
+CONTEXT, STUDENT, LABELS, TOP_K = 256, 64, 16, 16
+REFERENCE = {"main:top_k_kl": (14.6, 6.3), "main:ce": (11.6, 6.3), "niah:ce": (2.3, 3.9)}
+
+
+def batch(vocab: int, with_targets: bool) -> dict:
+    rng = np.random.default_rng(0)
+    one = lambda *shape: np.ones((1, 1, *shape), np.int32)
+    b = {
+        "ctx_tokens": rng.integers(0, vocab, (1, 1, CONTEXT)).astype(np.int32),
+        "ctx_mask": one(CONTEXT),
+        "chunk_document": np.zeros((1, 1), np.int32),
+        "chunk_slot": np.zeros((1, 1), np.int32),
+        "num_chunks": np.ones((1, 1), np.int32),
+        "tokens": rng.integers(0, vocab, (1, 1, STUDENT)).astype(np.int32),
+        "mask": one(STUDENT),
+        "label_positions": np.arange(STUDENT - LABELS - 1, STUDENT - 1, dtype=np.int32)[None, None],
+        "labels": rng.integers(0, vocab, (1, 1, LABELS)).astype(np.int32),
+        "label_mask": one(LABELS),
+    }
+    if with_targets:
+        logits = rng.normal(size=(1, 1, LABELS, vocab)).astype(np.float32)
+        ids = np.argsort(-logits, -1)[..., :TOP_K].astype(np.int32)
+        log_probs = np.take_along_axis(logits, ids, -1) - np.log(np.exp(logits).sum(-1, keepdims=True))
+        b.update(teacher_ids=ids, teacher_log_probs=log_probs.astype(np.float32))
+    return b
+
+
+def run_case(case: str, repeats: int) -> dict:
+    import jax
+
+    import d2l_jax
+    from d2l_jax.train.config import TrainConfig
+    from d2l_jax.train.step import Trainer
+
+    config_name, loss = case.split(":")
+    base = d2l_jax.load_base_model("smollm2-135m-instruct")
+    hyper = hypernet_config(config_name).replace(max_chunk_len=CONTEXT)
+    trainer = Trainer(hyper, base.config, TrainConfig(loss=loss, teacher="offline", batch_size=1, steps=1000))
+    state, base_params = trainer.init_state(), trainer.put_base_params(base.params)
+    data = trainer.put_batch(batch(base.config.vocab_size, loss == "top_k_kl"))
+    rss_before = peak_rss_gb()
+    start = time.perf_counter()
+    state, metrics = trainer.step(state, base_params, data)
+    jax.block_until_ready(metrics)
+    first = time.perf_counter() - start
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        state, metrics = trainer.step(state, base_params, data)
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - start)
+    return {
+        "case": case,
+        "hypernet_params": d2l_jax.D2L(base, hyper, state.params).param_count(),
+        "step_s": float(np.median(times)),
+        "first_step_s": first,
+        "rss_before_gb": rss_before,
+        "peak_rss_gb": peak_rss_gb(),
+        "loss": float(metrics["loss"]),
+        "matmul_gflops": matmul_gflops(),
+    }
+
+
+def main(argv):
+    del argv
+    if _CASE.value:
+        print(json.dumps(run_case(_CASE.value, _REPEATS.value)))
+        return
+    rows = []
+    for case in _CASES.value:
+        result = subprocess.run([sys.executable, __file__, f"--case={case}", f"--repeats={_REPEATS.value}"], capture_output=True, text=True)
+        if result.returncode:
+            print(f"{case} failed:\n{result.stderr[-2000:]}", flush=True)
+            continue
+        rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
+        print(json.dumps(rows[-1]), flush=True)
+    print("\n| case | step (s) | peak RSS (GB) | first step incl. compile (s) | matmul GFLOP/s then | PyTorch step (s) / peak (GB) | speed-up |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        ref_s, ref_gb = REFERENCE.get(r["case"], (float("nan"), float("nan")))
+        print(
+            f"| {r['case']} | {r['step_s']:.2f} | {r['peak_rss_gb']:.2f} | {r['first_step_s']:.0f} | {r['matmul_gflops']:.0f} | "
+            f"{ref_s} / {ref_gb} | {ref_s / r['step_s']:.1f}x |"
+        )
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,60 @@
+"""Analytic matmul FLOPs of one training step, over the padded shapes the hardware computes.
+
+XLA's cost analysis counts the body of a scanned loop once, so it undercounts models whose layers run
+under ``scan``; these counts are used for achieved FLOP/s instead. Elementwise work, softmax and norms
+are left out; attention is counted in full (causal block skipping saves part of it).
+"""
+
+from __future__ import annotations
+
+from d2l_jax.hypernet.config import HypernetConfig
+from d2l_jax.models.families import DecoderConfig
+from d2l_jax.train.config import TrainConfig
+
+
+def decoder_forward_flops(c: DecoderConfig, rows: int, tokens: int, layers: int, logits: int = 0, lora_rank: int = 0, lora_modules=()) -> float:
+    """Forward FLOPs of ``layers`` decoder layers on ``[rows, tokens]``, plus ``logits`` positions per row."""
+    q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+    projections = c.hidden_size * (2 * q + 2 * kv) + 3 * c.hidden_size * c.intermediate_size
+    attention = 2 * tokens * q
+    shapes = c.projection_shapes()
+    lora = sum(lora_rank * (shapes[m][0] + shapes[m][1]) for m in lora_modules)
+    per_token = layers * 2 * (projections + attention + lora)
+    return rows * (tokens * per_token + logits * 2 * c.hidden_size * c.vocab_size)
+
+
+def hypernet_forward_flops(h: HypernetConfig, base: DecoderConfig, chunks: int, tokens: int) -> float:
+    """Forward FLOPs of the Perceiver and head on ``[chunks, tokens]`` context features."""
+    width, hidden = base.hidden_size, h.latent_size
+    q, kv = h.num_heads * h.head_dim, h.num_kv_heads * h.head_dim
+    feature_sets = base.num_layers if h.layer_to_layer else 1
+    per_module = len(h.target_modules) * h.lora_rank
+    outputs = per_module if h.layer_to_layer else base.num_layers * per_module
+    projection = tokens * (2 * width * h.intermediate_factor * width + h.intermediate_factor * width * hidden)
+    def cross_attention(latents: int) -> int:
+        context = tokens * 2 * hidden * kv  # keys and values of every context token
+        own = latents * (hidden * q + q * hidden + 3 * hidden * h.intermediate_factor * hidden)
+        return context + own + latents * tokens * 2 * q
+    perceiver = projection + h.num_blocks * cross_attention(h.n_latent_queries) + cross_attention(outputs)
+    shapes = base.projection_shapes()
+    lora_width = sum(shapes[m][0] + shapes[m][1] for m in h.target_modules)
+    pre_head = h.num_pre_head_layers * 2 * hidden * h.intermediate_factor * hidden
+    head = base.num_layers * h.lora_rank * (len(h.target_modules) * pre_head + hidden * lora_width)
+    return 2 * chunks * (feature_sets * perceiver + head)
+
+
+def train_step_flops(h: HypernetConfig, base: DecoderConfig, train: TrainConfig, batch: dict) -> float:
+    """FLOPs of one optimizer step for a batch in the train-step layout (shapes only are read)."""
+    micro, rows, student = batch["tokens"].shape
+    chunks, chunk_len = batch["ctx_tokens"].shape[1:]
+    labels = batch["labels"].shape[-1]
+    encoder_layers = base.num_layers - 1 if h.layer_to_layer else (0 if h.encoder_type == "embed_only" else h.exit_layer(base))
+    rank = (h.max_chunks + int(h.use_bias)) * h.lora_rank
+    encoder = decoder_forward_flops(base, chunks, chunk_len, encoder_layers)
+    hypernet = 3 * hypernet_forward_flops(h, base, chunks, chunk_len)  # forward + backward
+    # Backward through the frozen student needs activation gradients only: about one more forward.
+    student_flops = 2 * decoder_forward_flops(base, rows, student, base.num_layers, labels, rank, h.target_modules)
+    teacher = 0.0
+    if "teacher_tokens" in batch:
+        teacher = decoder_forward_flops(base, rows, batch["teacher_tokens"].shape[-1], base.num_layers, labels)
+    return micro * (encoder + hypernet + student_flops + teacher)

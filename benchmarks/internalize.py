@@ -10,7 +10,6 @@ built to have exactly the requested number of templated tokens.
 from __future__ import annotations
 
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -18,22 +17,14 @@ import time
 import numpy as np
 from absl import app, flags
 
+from common import hypernet_config, matmul_gflops, peak_rss_gb
+
 _LENGTHS = flags.DEFINE_list("lengths", ["128", "512", "2048", "8192"], "Templated document lengths in tokens.")
 _CONFIGS = flags.DEFINE_list("configs", ["main", "niah", "niah_cpu"], "Hypernetwork configurations.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed calls per case.")
 _CASE = flags.DEFINE_string("case", None, "Internal: run one CONFIG:LENGTH case and print JSON.")
 
 WORDS = "the of and river house garden window number quiet blue seven market bridge winter".split()
-
-
-def hypernet_config(name: str):
-    import d2l_jax
-
-    return {
-        "main": d2l_jax.HypernetConfig(max_chunks=64),
-        "niah": d2l_jax.HypernetConfig.niah(early_exit_layer=7),
-        "niah_cpu": d2l_jax.HypernetConfig.niah_cpu(early_exit_layer=7, max_chunk_len=1024, max_chunks=64),
-    }[name]
 
 
 def document_of_length(d2l, tokens: int) -> str:
@@ -46,26 +37,6 @@ def document_of_length(d2l, tokens: int) -> str:
         if count == tokens:
             return text
         words = words[: len(words) + tokens - count] if count > tokens else words + list(rng.choice(WORDS, tokens - count))
-
-
-def peak_rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kilobytes on Linux
-
-
-def matmul_gflops(size: int = 2048, repeats: int = 10) -> float:
-    """The machine's fp32 matmul speed right now (it varies on shared machines); median of ``repeats``."""
-    import jax
-    import jax.numpy as jnp
-
-    matmul = jax.jit(lambda a, b: a @ b)
-    a = jnp.ones((size, size), jnp.float32)
-    matmul(a, a).block_until_ready()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        matmul(a, a).block_until_ready()
-        times.append(time.perf_counter() - start)
-    return 2 * size**3 / float(np.median(times)) / 1e9
 
 
 def run_case(config_name: str, tokens: int, repeats: int) -> dict:

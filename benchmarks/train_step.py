@@ -19,7 +19,7 @@ import numpy as np
 from absl import app, flags
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from internalize import hypernet_config, matmul_gflops, peak_rss_gb  # noqa: E402
+from common import hypernet_config, matmul_gflops, peak_rss_gb  # noqa: E402
 
 _CASES = flags.DEFINE_list("cases", ["main:top_k_kl", "main:ce", "niah:ce"], "CONFIG:LOSS cases.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed steps per case.")

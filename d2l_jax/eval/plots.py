@@ -35,7 +35,7 @@ def learning_curve(metrics_path: str | Path, png_path: str | Path, title: str = 
     accuracy_axis.set_ylim(-0.02, 1.02)
     accuracy_axis.set_ylabel("NIAH exact match (validation)")
     handles = loss_axis.get_legend_handles_labels()[0] + accuracy_axis.get_legend_handles_labels()[0]
-    fig.legend(handles=handles, loc="upper right", fontsize=8)
+    loss_axis.legend(handles=handles, loc="center right", fontsize=8)
     loss_axis.set_title(title)
     fig.tight_layout()
     fig.savefig(png_path, dpi=100)

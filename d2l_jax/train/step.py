@@ -99,16 +99,18 @@ def train_step(state: TrainState, base_params, batch, *, hyper, base, train, opt
     """One optimizer update from ``A`` micro-batches (gradients and metrics averaged over them)."""
     grad_fn = jax.value_and_grad(functools.partial(micro_batch_loss, hyper=hyper, base=base, train=train), has_aux=True)
 
-    def accumulate(carry, micro):
+    def grads_and_metrics(micro):
         (_, metrics), grads = grad_fn(state.params, base_params, micro)
-        return jax.tree.map(jnp.add, carry, (grads, metrics)), None
+        return grads, metrics
 
     micro_batches = next(iter(batch.values())).shape[0]
-    first = jax.tree.map(lambda x: x[0], batch)
-    (_, metrics), grads = grad_fn(state.params, base_params, first)
-    if micro_batches > 1:
-        rest = jax.tree.map(lambda x: x[1:], batch)
-        (grads, metrics), _ = jax.lax.scan(accumulate, (grads, metrics), rest)
+    if micro_batches == 1:
+        grads, metrics = grads_and_metrics(jax.tree.map(lambda x: x[0], batch))
+    else:
+        shapes = jax.eval_shape(grads_and_metrics, jax.tree.map(lambda x: x[0], batch))
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+        add = lambda carry, micro: (jax.tree.map(jnp.add, carry, grads_and_metrics(micro)), None)
+        (grads, metrics), _ = jax.lax.scan(add, zeros, batch)
         grads, metrics = jax.tree.map(lambda x: x / micro_batches, (grads, metrics))
     metrics["label_tokens"] = metrics["label_tokens"] * micro_batches
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)

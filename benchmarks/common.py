@@ -1,0 +1,38 @@
+"""Helpers shared by the benchmark scripts (run them from the repository root or this folder)."""
+
+from __future__ import annotations
+
+import resource
+import time
+
+import numpy as np
+
+
+def hypernet_config(name: str):
+    import d2l_jax
+
+    return {
+        "main": d2l_jax.HypernetConfig(max_chunks=64),
+        "niah": d2l_jax.HypernetConfig.niah(early_exit_layer=7),
+        "niah_cpu": d2l_jax.HypernetConfig.niah_cpu(early_exit_layer=7, max_chunk_len=1024, max_chunks=64),
+    }[name]
+
+
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kilobytes on Linux
+
+
+def matmul_gflops(size: int = 2048, repeats: int = 10) -> float:
+    """The machine's fp32 matmul speed right now (it varies on shared machines); median of ``repeats``."""
+    import jax
+    import jax.numpy as jnp
+
+    matmul = jax.jit(lambda a, b: a @ b)
+    a = jnp.ones((size, size), jnp.float32)
+    matmul(a, a).block_until_ready()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        matmul(a, a).block_until_ready()
+        times.append(time.perf_counter() - start)
+    return 2 * size**3 / float(np.median(times)) / 1e9

@@ -124,8 +124,8 @@ class Trainer:
     """The sharded, jitted meta-training step for one (hypernet, base model, training) configuration.
 
     ``init_state`` creates the training state directly on the mesh; ``step(state, batch)`` runs one
-    update with the state donated. The step is compiled once per batch shape (batches have static
-    shapes, so once in a run).
+    update with the state donated. The step is compiled once, for the shapes of the first batch
+    (batches have static shapes); a batch of other shapes is an error.
     """
 
     def __init__(self, hyper: HypernetConfig, base: DecoderConfig, train: TrainConfig, mesh: jax.sharding.Mesh | None = None):

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
 from d2l_jax.models.lora import LoRA
+from d2l_jax.sharding import constrain
 
 
 def combine_chunk_adapters(
@@ -48,7 +49,9 @@ def combine_chunk_adapters(
         if bias_part is not None:
             update = jnp.broadcast_to(bias_part.transpose(1, 0, 2), (documents, rank, layers, d))
             out = out.at[rows, :, bias_ranks].set(update.astype(out.dtype) * bias_scaler)
-        return out
+        # Pin the result to the batch layout: left to itself, XLA mis-partitions these scatters on
+        # data x fsdp x tensor meshes (rows of other shards came out wrong with jax 0.10).
+        return constrain(out, ("activation_batch", None, None, None))
 
     modules = sorted(chunk_a)
     bias_a, bias_b = bias if bias is not None else ({m: None for m in modules}, {m: None for m in modules})

@@ -70,9 +70,6 @@ def micro_batch_loss(params, base_params, batch, *, hyper: HypernetConfig, base:
         batch["chunk_slot"],
         batch["num_chunks"],
     )
-    # Pin the adapters to the batch layout. Without this, XLA mis-partitions the combine scatter on
-    # data x fsdp x tensor meshes (rows of other shards come out wrong; seen with jax 0.10).
-    lora = jax.tree.map(lambda x: sharding.constrain(x, ("activation_batch", None, None, None)), lora)
     logits = label_logits(base, base_params, batch["tokens"], batch["mask"], batch["label_positions"], lora)
     mask = batch["label_mask"]
     if train.loss == "ce":

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -37,6 +38,128 @@ def learning_curve(metrics_path: str | Path, png_path: str | Path, title: str = 
     handles = loss_axis.get_legend_handles_labels()[0] + accuracy_axis.get_legend_handles_labels()[0]
     loss_axis.legend(handles=handles, loc="center right", fontsize=8)
     loss_axis.set_title(title)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+
+
+_METHOD_STYLES = {
+    "d2l": dict(color="tab:red", marker="o", label="D2L (adapter, no document)"),
+    "icl": dict(color="tab:blue", marker="s", label="in-context (document in prompt)"),
+    "truncated_icl": dict(color="tab:cyan", marker="^", label="truncated in-context"),
+    "base": dict(color="gray", marker="x", label="base model, no document"),
+}
+
+
+def _length_label(tokens: int) -> str:
+    return f"{tokens // 1024}k" if tokens >= 1024 and tokens % 1024 == 0 else str(tokens)
+
+
+def niah_heatmap(records, method: str, png_path: str | Path, title: str = "") -> None:
+    """Exact match of one method over length (rows, by bin upper end ``hi``) x needle depth (columns).
+
+    ``records`` are the sweep's NIAH records (``eval.sweep``); a cell that did not run is grey and
+    marked "n/r", a cell absent from the records is blank.
+    """
+    rows = [r for r in records if r["method"] == method]
+    lengths = sorted({r["hi"] for r in records})
+    depths = sorted({r["depth"] for r in records})
+    values = np.full((len(lengths), len(depths)), np.nan)
+    not_run = np.zeros(values.shape, bool)
+    for r in rows:
+        i, j = lengths.index(r["hi"]), depths.index(r["depth"])
+        if r["accuracy"] is None:
+            not_run[i, j] = True
+        else:
+            values[i, j] = r["accuracy"]
+    fig, ax = plt.subplots(figsize=(1.0 + 0.6 * len(depths), 1.2 + 0.45 * len(lengths)))
+    cmap = matplotlib.colormaps["RdYlGn"].with_extremes(bad="white")
+    image = ax.imshow(np.ma.masked_invalid(values), cmap=cmap, vmin=0.0, vmax=1.0, aspect="auto", origin="lower")
+    for i in range(len(lengths)):
+        for j in range(len(depths)):
+            if not_run[i, j]:
+                ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, color="lightgray"))
+                ax.text(j, i, "n/r", ha="center", va="center", fontsize=7, color="dimgray")
+            elif not np.isnan(values[i, j]):
+                ax.text(j, i, f"{values[i, j]:.2f}", ha="center", va="center", fontsize=7)
+    ax.set_xticks(range(len(depths)), [f"{10 * d}-{10 * d + 10}%" for d in depths], rotation=45, fontsize=7)
+    ax.set_yticks(range(len(lengths)), [_length_label(n) for n in lengths], fontsize=8)
+    ax.set_xlabel("needle depth")
+    ax.set_ylabel("context tokens (bin upper end)")
+    ax.set_title(title or method, fontsize=9)
+    fig.colorbar(image, ax=ax, label="exact match")
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+
+
+def niah_accuracy_by_length(records, png_path: str | Path, window: int | None = None, title: str = "") -> None:
+    """Exact match against context length (bin upper end), one line per method, pooled over depths
+    (correct / samples); cells that did not run are left out, so a line stops where its method cannot run.
+    ``window`` draws the base model's context window."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for method in dict.fromkeys(r["method"] for r in records):
+        totals: dict[int, list[int]] = {}
+        for r in records:
+            if r["method"] == method and r["accuracy"] is not None:
+                total = totals.setdefault(r["hi"], [0, 0])
+                total[0] += r["correct"]
+                total[1] += r["n"]
+        if not totals:
+            continue
+        lengths = sorted(totals)
+        style = _METHOD_STYLES.get(method, dict(label=method, marker="o"))
+        ax.plot(lengths, [totals[n][0] / totals[n][1] for n in lengths], "-", **style)
+    if window:
+        ax.axvline(window, color="black", linestyle="--", linewidth=1, label=f"base model window ({window})")
+    ax.set_xscale("log", base=2)
+    lengths = sorted({r["hi"] for r in records})
+    ax.set_xticks(lengths, [_length_label(n) for n in lengths])
+    ax.minorticks_off()
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("context tokens (bin upper end)")
+    ax.set_ylabel("NIAH exact match")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8, loc="best")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+
+
+def efficiency_by_length(records, png_path: str | Path, window: int | None = None, title: str = "") -> None:
+    """Two panels against document tokens, from the sweep's efficiency records: answer-time memory
+    beyond the base parameters (KV cache, plus the adapter for D2L; in-context beyond the window is the
+    analytic KV cache it would need, dotted) and latency (D2L internalization, answer per question)."""
+    fig, (memory_ax, time_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    for method in dict.fromkeys(r["method"] for r in records):
+        rows = sorted((r for r in records if r["method"] == method), key=lambda r: r["context_tokens"])
+        style = _METHOD_STYLES.get(method, dict(label=method, marker="o"))
+        x = [r["context_tokens"] for r in rows]
+        mib = [r["answer_state_bytes"] / 2**20 for r in rows]
+        ran = [r["status"] == "ok" for r in rows]
+        memory_ax.plot([a for a, ok in zip(x, ran) if ok], [b for b, ok in zip(mib, ran) if ok], "-", **style)
+        if not all(ran):
+            memory_ax.plot(x, mib, ":", color=style.get("color"), marker=style.get("marker"), alpha=0.5,
+                           label=f"{method}: analytic, not runnable")
+        timed = [r for r in rows if r.get("answer_s") is not None]
+        time_ax.plot([r["context_tokens"] for r in timed], [r["answer_s"] for r in timed], "-",
+                     color=style.get("color"), marker=style.get("marker"), label=f"{method}: answer one question")
+        internalized = [r for r in rows if r.get("internalize_s") is not None]
+        if internalized:
+            time_ax.plot([r["context_tokens"] for r in internalized], [r["internalize_s"] for r in internalized], "--",
+                         color=style.get("color"), marker=style.get("marker"), label=f"{method}: internalize the document")
+    for ax in (memory_ax, time_ax):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("document tokens")
+        ax.grid(alpha=0.3)
+        if window:
+            ax.axvline(window, color="black", linestyle="--", linewidth=1, label=f"window ({window})")
+        ax.legend(fontsize=7, loc="best")
+    memory_ax.set_ylabel("answer-time memory beyond the weights (MiB)")
+    time_ax.set_ylabel("seconds")
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(png_path, dpi=100)
     plt.close(fig)

@@ -1,0 +1,97 @@
+"""Answer-time cost of D2L versus in-context learning: latency, KV-cache bytes and compiled memory.
+
+For one document, D2L pays once to internalize it (context encoder + hypernetwork) and then answers
+from the question alone with a small adapter; in-context learning (ICL) pays at every question for a
+prompt that holds the whole document, and its KV cache grows with it. The figures here put numbers on
+both sides: wall-clock seconds (measured after a warm-up call on the same shapes, so compilation is not
+counted), the analytic KV-cache size, the adapter size, and XLA's buffer assignment of the answer program.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from d2l_jax.api import D2L, stack_adapters
+from d2l_jax.data.examples import student_messages
+from d2l_jax.eval.long_context import adapter_bytes, answer_program_bytes, internalize_any, replies_to_ids
+from d2l_jax.models.families import DecoderConfig
+
+
+def kv_cache_bytes(config: DecoderConfig, tokens: int) -> int:
+    """Bytes of the keys and values of ``tokens`` tokens: ``2 * layers * kv_heads * head_dim * tokens * itemsize``
+    (itemsize of the model's compute dtype)."""
+    if tokens < 0:
+        raise ValueError(f"tokens must be >= 0, got {tokens}")
+    itemsize = jnp.dtype(config.dtype).itemsize
+    return 2 * config.num_layers * config.num_kv_heads * config.head_dim * tokens * itemsize
+
+
+def _seconds(fn, repeats: int) -> tuple[Any, float]:
+    """(result, mean wall-clock seconds of ``repeats`` calls after one warm-up call)."""
+    result = jax.block_until_ready(fn())
+    start = time.perf_counter()
+    for _ in range(repeats):
+        result = jax.block_until_ready(fn())
+    return result, (time.perf_counter() - start) / repeats
+
+
+def d2l_costs(d2l: D2L, record: dict, max_new_tokens: int, repeats: int = 1, program_memory: bool = True) -> dict:
+    """Costs of answering ``record["prompt"]`` about ``record["context"]`` with D2L.
+
+    Returns ``internalize_s`` (document -> adapter, chunked for long documents), ``answer_s`` (one greedy
+    reply of at most ``max_new_tokens`` with the adapter and no document), ``prompt_tokens``,
+    ``kv_cache_bytes`` (prompt + reply), ``adapter_bytes``, ``answer_state_bytes`` (their sum: what the
+    answer needs beyond the base parameters), ``adapter_rank``, ``chunks`` and, with ``program_memory``,
+    ``answer_program_bytes`` (see ``long_context.answer_program_bytes``).
+    """
+    base = d2l.base
+    adapters, internalize_s = _seconds(lambda: internalize_any(d2l, [record["context"]]), repeats)
+    lora = stack_adapters(adapters)
+    prompt = base.chat_ids(student_messages(record["prompt"]))
+    reply, answer_s = _seconds(lambda: replies_to_ids(base, [prompt], max_new_tokens, lora=lora), repeats)
+    kv = kv_cache_bytes(base.config, len(prompt) + max_new_tokens)
+    size = adapter_bytes(lora)
+    out = {
+        "status": "ok",
+        "reply": reply[0],
+        "internalize_s": internalize_s,
+        "answer_s": answer_s,
+        "prompt_tokens": len(prompt),
+        "kv_cache_bytes": kv,
+        "adapter_bytes": size,
+        "answer_state_bytes": kv + size,
+        "adapter_rank": adapters[0].rank,
+        "chunks": adapters[0].num_chunks,
+    }
+    if program_memory:
+        out["answer_program_bytes"] = answer_program_bytes(base, [prompt], max_new_tokens, lora=lora)["total"]
+    return out
+
+
+def icl_costs(d2l: D2L, record: dict, max_new_tokens: int, repeats: int = 1, program_memory: bool = True) -> dict:
+    """Costs of answering with the document in the prompt (the base model, no adapter).
+
+    Beyond the model's window nothing runs: ``status`` says so and only the analytic ``kv_cache_bytes``
+    (what the prompt would need) is given. Otherwise the same fields as :func:`d2l_costs` without the
+    internalization and adapter entries.
+    """
+    base = d2l.base
+    prompt = base.chat_ids(student_messages(record["prompt"], context=record["context"]))
+    kv = kv_cache_bytes(base.config, len(prompt) + max_new_tokens)
+    out: dict[str, Any] = {"prompt_tokens": len(prompt), "kv_cache_bytes": kv, "answer_state_bytes": kv}
+    window = base.config.max_position_embeddings
+    if len(prompt) + max_new_tokens > window:
+        out["status"] = f"not run: exceeds window {window} (prompt {len(prompt)} + {max_new_tokens} new tokens)"
+        return out
+    reply, answer_s = _seconds(lambda: replies_to_ids(base, [prompt], max_new_tokens), repeats)
+    out.update(status="ok", reply=reply[0], answer_s=answer_s)
+    if program_memory:
+        out["answer_program_bytes"] = answer_program_bytes(base, [prompt], max_new_tokens)["total"]
+    return out
+
+
+EFFICIENCY_METHODS = {"d2l": d2l_costs, "icl": icl_costs}

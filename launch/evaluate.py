@@ -1,0 +1,77 @@
+"""NIAH sweep (and efficiency report) of a trained D2L against in-context learning and the base model.
+
+    python -m launch.evaluate --config=experiments/niah_smollm2_eval.py --checkpoint=DIR --workdir=OUT \\
+        [--config.sweep.samples_per_cell=1 ...]
+
+Writes ``OUT/results.json`` (every record with its method, length, depth and seed) and the figures
+(``niah_heatmap_<method>.png``, ``niah_accuracy_by_length.png``, ``efficiency_by_length.png``).
+Rerunning the same command resumes: finished cells are skipped.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "evaluation config file (ml_collections)", lock_config=True)
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "training workdir (or its checkpoints/ folder)", required=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "output directory for results.json and the figures", required=True)
+
+
+def _checkpoint_step(checkpoint: str, step: int | None) -> int | None:
+    """The step ``D2L.load`` will restore (the latest when ``step`` is None), so results name it."""
+    from d2l_jax.train.checkpoint import Checkpointer
+
+    directory = Path(checkpoint)
+    if (directory / "checkpoints").is_dir():
+        directory = directory / "checkpoints"
+    if step is not None or not directory.is_dir():
+        return step
+    checkpoints = Checkpointer(directory, async_save=False)
+    try:
+        return checkpoints.latest_step()
+    finally:
+        checkpoints.close()
+
+
+def main(argv):
+    del argv
+    from d2l_jax.api import D2L
+    from d2l_jax.eval import sweep
+
+    config = _CONFIG.value
+    settings = sweep.SweepSettings.from_dict(config.sweep.to_dict())
+    step = _checkpoint_step(_CHECKPOINT.value, config.step)
+    d2l = D2L.load(_CHECKPOINT.value, step=step)
+    if config.max_chunk_len is not None:
+        d2l = D2L(d2l.base, d2l.config.replace(max_chunk_len=config.max_chunk_len), d2l.params)
+    identity = {
+        "checkpoint": str(Path(_CHECKPOINT.value).resolve()),
+        "step": step,
+        "base_model": d2l.base.name,
+        "max_chunk_len": d2l.config.max_chunk_len,
+    }
+    workdir = Path(_WORKDIR.value)
+    records = sweep.run_sweep(d2l, settings, workdir, identity=identity)
+    if config.efficiency and settings.efficiency_bins:
+        records = sweep.run_efficiency(
+            d2l, settings, workdir, identity=identity, repeats=config.efficiency_repeats, program_memory=config.program_memory
+        )
+    window = d2l.base.config.max_position_embeddings
+    paths = sweep.write_plots(records, workdir, window=window, title=f"D2L on {d2l.base.name}")
+    summary = {}
+    for r in records:
+        if r["kind"] == "niah" and r["accuracy"] is not None:
+            total = summary.setdefault(r["method"], {}).setdefault(r["hi"], [0, 0])
+            total[0] += r["correct"]
+            total[1] += r["n"]
+    print(json.dumps({m: {str(n): c / t for n, (c, t) in sorted(by.items())} for m, by in summary.items()}, indent=2))
+    print("\n".join(str(p) for p in [workdir / sweep.RESULTS_FILE, *paths]))
+
+
+if __name__ == "__main__":
+    flags.mark_flag_as_required("config")
+    app.run(main)

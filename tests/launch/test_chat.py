@@ -1,0 +1,117 @@
+"""The chat loop: questions, /scale, /reset, /doc and /quit on a tiny random D2L, from scripted input."""
+
+import io
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import d2l_jax
+from d2l_jax.data.examples import student_messages
+from d2l_jax.eval.long_context import all_document_chunks
+from d2l_jax.models.base_model import BaseModel
+from d2l_jax.models.decoder import Decoder
+from d2l_jax.models.families import DecoderConfig
+from launch.chat import ChatSession, chat_loop
+
+TINY_BASE = DecoderConfig(
+    vocab_size=49152, hidden_size=64, intermediate_size=96, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=512
+)
+TINY_HYPER = d2l_jax.HypernetConfig(
+    encoder_type="early_exit", latent_size=32, n_latent_queries=4, num_blocks=1, num_heads=4, head_dim=8, num_kv_heads=2,
+    lora_rank=2, max_chunk_len=64, max_chunks=2, chunk_group_size=2,
+)
+FIRST = "The vault code is 4817 and the vault is in Lisbon, near the river. " * 6
+SECOND = "Marie planted tulips in March. They bloomed red and yellow in late April."
+QUESTION = "What is the vault code?"
+
+
+@pytest.fixture(scope="module")
+def tiny_d2l(smollm2):
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    params = nn.unbox(Decoder(TINY_BASE).init(jax.random.key(1), tokens, tokens, tokens + 1))["params"]
+    base = BaseModel("tiny", TINY_BASE, params, smollm2.tokenizer, smollm2.stop_token_ids)
+    d2l = d2l_jax.D2L.create(base, TINY_HYPER, seed=0)
+    key = jax.random.key(0)
+    for name in list(d2l.params["head"]):  # non-zero B, as after training
+        if name.startswith(("scaler_B", "bias_B")):
+            key, sub = jax.random.split(key)
+            d2l.params["head"][name] = jax.random.normal(sub, d2l.params["head"][name].shape)
+    return d2l
+
+
+@pytest.fixture
+def docs(tmp_path):
+    first, second = tmp_path / "first.txt", tmp_path / "second.txt"
+    first.write_text(FIRST)
+    second.write_text(SECOND)
+    return first, second
+
+
+def base_reply(d2l, question, lora=None):
+    return d2l.base.generate(student_messages(question), max_new_tokens=8, lora=lora)[0]
+
+
+def test_commands_change_the_session(tiny_d2l, docs):
+    first, second = docs
+    session = ChatSession(tiny_d2l, max_new_tokens=8)
+    text, go_on = session.handle(f"/doc {first}")
+    assert go_on and text.startswith(f"[internalized {first}")
+    chunks, tokens = all_document_chunks(tiny_d2l, FIRST)
+    assert len(chunks) > TINY_HYPER.max_chunks  # a document longer than one pass of the hypernetwork
+    assert (session.adapter.num_tokens, session.adapter.num_chunks) == (tokens, len(chunks))
+    unscaled = np.asarray(session.adapter.A["down_proj"])
+    reply, _ = session.handle(QUESTION)
+    assert reply == base_reply(tiny_d2l, QUESTION, session.adapter.lora)
+
+    text, go_on = session.handle("/scale 2.5")
+    assert go_on and "scale 2.5" in text and session.scale == 2.5
+    chunk_ranks = len(chunks) * TINY_HYPER.lora_rank
+    scaled = np.asarray(session.adapter.A["down_proj"])
+    np.testing.assert_allclose(scaled[:, :, :chunk_ranks], 2.5 * unscaled[:, :, :chunk_ranks], rtol=1e-6)
+    np.testing.assert_array_equal(scaled[:, :, chunk_ranks:], unscaled[:, :, chunk_ranks:])  # bias LoRA and padding
+    text, _ = session.handle("/scale abc")
+    assert text.startswith("[error: /scale needs a number") and session.scale == 2.5
+
+    text, go_on = session.handle("/reset")
+    assert go_on and session.adapter is None and session.document is None
+    reply, _ = session.handle(QUESTION)
+    assert reply == base_reply(tiny_d2l, QUESTION)  # the base model alone
+
+    session.handle(f"/doc {second}")
+    assert session.document == SECOND and session.document_name == str(second)
+    assert session.adapter.num_tokens == all_document_chunks(tiny_d2l, SECOND)[1]
+    assert session.scale == 2.5  # the scaler carries over to the next document
+    assert tiny_d2l.adapter is None  # the session passes its adapter explicitly; the D2L's stays unset
+
+    text, go_on = session.handle("/doc /no/such/file.txt")
+    assert go_on and text.startswith("[error:") and session.document == SECOND
+    text, go_on = session.handle("/quit")
+    assert text is None and not go_on
+
+
+def test_loop_reads_until_quit(tiny_d2l, docs):
+    first, second = docs
+    script = "\n".join([f"/doc {first}", QUESTION, "/bogus", "", "/reset", QUESTION, f"/doc {second}", "/quit", "never read"]) + "\n"
+    out = io.StringIO()
+    session = ChatSession(tiny_d2l, max_new_tokens=8)
+    chat_loop(session, io.StringIO(script), out)
+    lines = out.getvalue().split("> ")
+    assert lines[0] == ""
+    answers = lines[1:]
+    assert len(answers) == 8  # one prompt per line read, through /quit
+    assert answers[0].startswith(f"[internalized {first}")
+    assert answers[2].startswith("[unknown command /bogus")
+    assert answers[3] == ""  # an empty line prints nothing
+    assert answers[4].startswith("[document forgotten")
+    assert answers[5] == base_reply(tiny_d2l, QUESTION) + "\n"
+    assert answers[6].startswith(f"[internalized {second}") and answers[7] == ""
+    assert "never read" not in out.getvalue() and session.document == SECOND
+
+
+def test_loop_stops_at_end_of_input(tiny_d2l):
+    out = io.StringIO()
+    chat_loop(ChatSession(tiny_d2l, max_new_tokens=4), io.StringIO("/help\n"), out)
+    assert out.getvalue().startswith("> commands: /doc FILE") and out.getvalue().endswith("> \n")

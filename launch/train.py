@@ -27,11 +27,12 @@ def main(argv):
 
     if _DISTRIBUTED.value or _COORDINATOR.value:
         jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-    from d2l_jax.train.loop import RunConfig, train
+    from d2l_jax.train.experiment import load_experiment_base, parse_experiment
+    from d2l_jax.train.loop import train
 
     logging.getLogger("d2l_jax").setLevel(logging.INFO)
-    run = RunConfig.from_json(json.loads(_CONFIG.value.to_json()))
-    result = train(run, _WORKDIR.value)
+    run, execution = parse_experiment(json.loads(_CONFIG.value.to_json()))
+    result = train(run, _WORKDIR.value, base=load_experiment_base(run.model, execution))
     if jax.process_index() == 0:
         print(json.dumps(result, indent=2))
 

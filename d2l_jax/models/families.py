@@ -151,3 +151,44 @@ def config_from_hf(hf: dict, dtype: str = "float32") -> DecoderConfig:
         sliding_window=hf.get("sliding_window") if model_type == "mistral" else None,
         dtype=dtype,
     )
+
+
+# Published architectures, for planning and ahead-of-time compilation without the weights (the numbers
+# are those of each model's Hugging Face ``config.json``). Loading weights still needs a file or directory.
+PUBLISHED_CONFIGS: dict[str, DecoderConfig] = {
+    # HuggingFaceTB/SmolLM2-135M-Instruct (the embedded default model).
+    "smollm2-135m-instruct": DecoderConfig(
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_layers=30,
+        num_heads=9,
+        num_kv_heads=3,
+        head_dim=64,
+        rms_norm_eps=1e-5,
+        rope_theta=100000.0,
+        max_position_embeddings=8192,
+        tie_word_embeddings=True,
+    ),
+    # mistralai/Mistral-7B-Instruct-v0.2 (no sliding window, RoPE theta 1e6).
+    "mistral-7b-instruct-v0.2": DecoderConfig(
+        family="mistral",
+        vocab_size=32000,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_layers=32,
+        num_heads=32,
+        num_kv_heads=8,
+        head_dim=128,
+        rms_norm_eps=1e-5,
+        rope_theta=1e6,
+        max_position_embeddings=32768,
+    ),
+}
+
+
+def published_config(name: str) -> DecoderConfig:
+    """The DecoderConfig of a published model by name (shapes only). Raises ValueError listing the names."""
+    if name not in PUBLISHED_CONFIGS:
+        raise ValueError(f"no published configuration named {name!r}; known: {sorted(PUBLISHED_CONFIGS)}")
+    return PUBLISHED_CONFIGS[name]

@@ -21,6 +21,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import struct
 
@@ -145,6 +146,7 @@ class Trainer:
             lambda: Decoder(base).init(jax.random.key(0), *(jnp.zeros((1, 1), jnp.int32),) * 3, compute_logits=True)
         )["params"]
         self.base_shardings = sharding.logical_shardings(boxed_base, self.mesh)
+        self._base_shapes = nn.unbox(boxed_base)
         self.batch_sharding = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(None, ("data", "fsdp")))
         self.replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
 
@@ -173,13 +175,36 @@ class Trainer:
         shapes = jax.eval_shape(self._fresh_state, jax.random.key(0))
         return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, self.state_shardings)
 
+    def abstract_base_params(self, dtype: str | None = None):
+        """The frozen base parameters' shapes (float32, or ``dtype``) and shardings, without allocating them."""
+        return jax.tree.map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, jnp.dtype(dtype or x.dtype), sharding=s), self._base_shapes, self.base_shardings
+        )
+
     def put_base_params(self, base_params):
         """The frozen base parameters placed on the mesh (sharded as the logical rules say)."""
         return jax.device_put(base_params, self.base_shardings)
 
     def put_batch(self, batch: dict):
-        """This process's part of a batch (``[A, B / processes, ...]`` numpy arrays) as global arrays."""
+        """This process's part of a batch (``[A, B / processes, ...]`` numpy arrays) as global arrays.
+
+        Each process collates its own rows, so its ``chunk_document`` counts its own rows (padding chunks
+        = its row count); with several processes these become indices of the global rows.
+        """
+        if jax.process_count() > 1 and "chunk_document" in batch:
+            batch = dict(batch, chunk_document=self._global_chunk_owners(batch["chunk_document"], batch["num_chunks"].shape[1]))
         return jax.tree.map(lambda x: jax.make_array_from_process_local_data(self.batch_sharding, x), batch)
+
+    def _global_chunk_owners(self, chunk_document, local_rows: int):
+        """Process-local row indices -> global ones: the local rows are, in order, the global rows this
+        process's devices hold (``make_array_from_process_local_data``'s layout); padding -> all rows."""
+        global_rows = local_rows * jax.process_count()
+        slices = self.batch_sharding.addressable_devices_indices_map((1, global_rows)).values()
+        rows = np.array(sorted({i for index in slices for i in range(*index[1].indices(global_rows))}))
+        if len(rows) != local_rows:
+            raise ValueError(f"this process holds {len(rows)} of {global_rows} rows but was given {local_rows}")
+        local = np.asarray(chunk_document)
+        return np.where(local < local_rows, rows[np.clip(local, 0, local_rows - 1)], global_rows).astype(local.dtype)
 
     def compile(self, state: TrainState, base_params, batch: dict):
         """Compiles the step for these argument shapes (done by the first ``step``); later batches must

@@ -127,7 +127,7 @@ def internalize_long(
                 parts_a[m].append(a_m)
                 parts_b[m].append(b_m)
 
-    bias = bias_lora(d2l.params["head"], modules) if config.use_bias else None
+    bias = bias_lora(d2l.params["head"], modules, d2l.base.config.num_layers) if config.use_bias else None
     lora_a, lora_b, ranks = {}, {}, []
     for m in modules:
         d_in, d_out = shapes[m]

@@ -9,6 +9,7 @@ from d2l_jax.models.families import DecoderConfig
 from d2l_jax.models.lora import TARGET_MODULES, lora_alpha
 
 ENCODER_TYPES = ("per_layer_activations", "early_exit", "embed_only")
+B_INITS = ("zero_scaler", "zero_head")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,7 +27,14 @@ class HypernetConfig:
     Head: ``num_pre_head_layers`` ResMLP blocks (per layer if ``per_layer_processing``), L2 normalisation
       (``l2_eps`` guards the zero vector; the reference has none), a per-layer linear head to every target
       module's ``d_in + d_out``, generating rank ``lora_rank`` adapters for ``target_modules``;
-      ``use_bias`` appends a learned context-independent "bias LoRA".
+      ``use_bias`` appends a learned context-independent "bias LoRA". ``per_rank_head`` gives every rank
+      its own head weights (the reference shares one head across ranks, so a rank differs from another only
+      through its latent). ``b_init`` is how a fresh hypernetwork generates ``B = 0``: ``zero_scaler`` (the
+      reference: ``scaler_B`` zeros and a random head) or ``zero_head`` (``scaler_B`` ones and the head's B
+      weights zero, so those weights get gradients from the first step, as a plain LoRA's B does).
+    Adapted layers: ``adapted_layers`` limits the adapters to the last that many base layers (0: every
+      layer, as the reference); the other layers get zero rows, so adapters keep the base model's layer count,
+      and a training step runs them outside the gradient.
     Chunking: templated documents are split into chunks of at most ``max_chunk_len`` tokens (chat affixes
       included; the reference bounds the pieces before re-wrapping them); a document may
       have at most ``max_chunks`` chunks, which fixes the adapter rank at ``(max_chunks + 1) * lora_rank``;
@@ -50,6 +58,9 @@ class HypernetConfig:
     num_pre_head_layers: int = 1
     per_layer_processing: bool = True
     use_bias: bool = True
+    per_rank_head: bool = False
+    b_init: str = "zero_scaler"
+    adapted_layers: int = 0
     l2_eps: float = 1e-12
     max_chunk_len: int = 1024
     max_chunks: int = 64
@@ -69,6 +80,10 @@ class HypernetConfig:
         for name in ("latent_size", "n_latent_queries", "num_blocks", "lora_rank", "max_chunk_len", "max_chunks", "chunk_group_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.b_init not in B_INITS:
+            raise ValueError(f"b_init={self.b_init!r}; expected one of {B_INITS}")
+        if self.adapted_layers < 0:
+            raise ValueError(f"adapted_layers must be >= 0 (0: every layer), got {self.adapted_layers}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
 
@@ -91,8 +106,14 @@ class HypernetConfig:
     def exit_layer(self, base: DecoderConfig) -> int:
         return self.early_exit_layer if self.early_exit_layer is not None else base.num_layers // 4
 
+    def num_adapted(self, base: DecoderConfig) -> int:
+        """How many (final) base layers receive generated adapters."""
+        return self.adapted_layers or base.num_layers
+
     def check_base(self, base: DecoderConfig) -> None:
         """Raises ValueError if this hypernetwork cannot drive ``base``."""
+        if self.num_adapted(base) > base.num_layers:
+            raise ValueError(f"adapted_layers={self.adapted_layers} exceeds the base model's {base.num_layers} layers")
         if self.encoder_type == "early_exit" and not 1 <= self.exit_layer(base) <= base.num_layers:
             raise ValueError(f"early_exit_layer={self.exit_layer(base)} outside 1..{base.num_layers}")
         if self.layer_to_layer and base.num_layers < 2:

@@ -1,6 +1,6 @@
 """The HyperLoRA head: Perceiver latents -> per-chunk LoRA weights for every layer and target module.
 
-Layer-major latents ``[L, C, M, r, H]`` go through ResMLP blocks (per-layer weights by default), are L2-normalised
+Layer-major latents ``[L, C, M, r, H]`` (L: the adapted layers) go through ResMLP blocks (per-layer weights by default), are L2-normalised
 over H, and a per-layer linear head maps each to ``d_in + d_out`` of its module: one rank row of A and
 one of B. ``scaler_A`` (ones) and ``scaler_B`` (zeros) scale them per layer and rank, so a fresh
 hypernetwork generates ``B = 0``; the learned "bias LoRA" (``bias_A``, ``bias_B``, B zero at init) is
@@ -79,6 +79,20 @@ def l2_normalize(x, eps: float):
     return x / jnp.maximum(norm, eps)
 
 
+def _zero_b_columns(init, d_ins: list[int], d_lora: int):
+    """``init`` with every module's B columns (``d_in:``) zeroed; the module axis, if any, is axis 1."""
+
+    def zeroed(key, shape, dtype=jnp.float32):
+        keep = (jnp.arange(d_lora)[None, :] < jnp.array(d_ins)[:, None]).astype(dtype)  # [M, d_lora]
+        if len(shape) == 3:  # [L, H, d_lora]: one module
+            keep = keep[0]
+        else:  # [L, M, (r,) H, d_lora]
+            keep = keep.reshape(1, len(d_ins), *[1] * (len(shape) - 3), d_lora)
+        return init(key, shape, dtype) * keep
+
+    return zeroed
+
+
 class LoRAHead(nn.Module):
     """Layer-major latents ``[L, C, M, r, H]`` -> ``(A, B)``: module -> ``[C, L, r, d_in]`` / ``[C, L, r, d_out]``.
 
@@ -92,7 +106,7 @@ class LoRAHead(nn.Module):
     @nn.compact
     def __call__(self, latents: Float[Array, "L C M R H"]):
         c, base = self.config, self.base
-        num_layers, rank, width = base.num_layers, c.lora_rank, c.latent_size
+        num_layers, rank, width = c.num_adapted(base), c.lora_rank, c.latent_size
         modules = c.target_modules
         shapes = base.projection_shapes()
         d_lora = max(sum(shapes[m]) for m in modules)
@@ -103,8 +117,15 @@ class LoRAHead(nn.Module):
             x = block(x)
         x = l2_normalize(x, c.l2_eps)
         head_init = nn.initializers.normal(0.5 / math.sqrt(width + d_lora * rank))
+        if c.b_init == "zero_head":
+            head_init = _zero_b_columns(head_init, [shapes[m][0] for m in modules], d_lora)
         dtype = jnp.dtype(c.dtype)
-        if num_modules == 1:
+        if c.per_rank_head:
+            axes = ("layers", "modules", "rank", "latent", "lora")
+            kernel = _param(self, "head", head_init, (num_layers, num_modules, rank, width, d_lora), axes)
+            x = x.reshape(num_layers, chunks, num_modules, rank, width)
+            flat = jnp.einsum("lcmrh,lmrhd->lcmrd", x.astype(dtype), kernel.astype(dtype))
+        elif num_modules == 1:
             kernel = _param(self, "head", head_init, (num_layers, width, d_lora), ("layers", "latent", "lora"))
             flat = jnp.einsum("lnh,lhd->lnd", x.astype(dtype), kernel.astype(dtype))
             flat = flat.reshape(num_layers, chunks, 1, rank, d_lora)
@@ -119,7 +140,8 @@ class LoRAHead(nn.Module):
         for i, module in enumerate(modules):
             d_in, d_out = shapes[module]
             scaler_a = _param(self, f"scaler_A_{module}", nn.initializers.ones, (num_layers, rank), ("layers", "rank"))
-            scaler_b = _param(self, f"scaler_B_{module}", nn.initializers.zeros, (num_layers, rank), ("layers", "rank"))
+            b_scaler_init = nn.initializers.zeros if c.b_init == "zero_scaler" else nn.initializers.ones
+            scaler_b = _param(self, f"scaler_B_{module}", b_scaler_init, (num_layers, rank), ("layers", "rank"))
             _param(self, f"bias_A_{module}", nn.initializers.normal(0.2 / math.sqrt(d_in * rank)), (num_layers, rank, d_in), ("layers", "rank", "lora"))
             _param(self, f"bias_B_{module}", nn.initializers.zeros, (num_layers, rank, d_out), ("layers", "rank", "lora"))
             lora_a[module] = flat[:, :, i, :, :d_in] * scaler_a[None, :, :, None]
@@ -127,6 +149,17 @@ class LoRAHead(nn.Module):
         return lora_a, lora_b
 
 
-def bias_lora(head_params: dict, modules: tuple[str, ...]) -> tuple[dict, dict]:
+def pad_to_base_layers(x: Float[Array, "... n r d"], num_layers: int, layer_axis: int):
+    """Zero rows in front of the adapted layers so an adapter covers all ``num_layers`` base layers."""
+    missing = num_layers - x.shape[layer_axis]
+    if not missing:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[layer_axis] = (missing, 0)
+    return jnp.pad(x, widths)
+
+
+def bias_lora(head_params: dict, modules: tuple[str, ...], num_layers: int) -> tuple[dict, dict]:
     """The bias LoRA from the head's parameters: module -> ``[L, r, d_in]`` and ``[L, r, d_out]``."""
-    return {m: head_params[f"bias_A_{m}"] for m in modules}, {m: head_params[f"bias_B_{m}"] for m in modules}
+    pad = lambda x: pad_to_base_layers(x, num_layers, 0)
+    return {m: pad(head_params[f"bias_A_{m}"]) for m in modules}, {m: pad(head_params[f"bias_B_{m}"]) for m in modules}

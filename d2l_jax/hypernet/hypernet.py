@@ -15,7 +15,7 @@ from jaxtyping import Array, Float, Int
 from d2l_jax.hypernet.combine import combine_chunk_adapters
 from d2l_jax.hypernet.config import HypernetConfig
 from d2l_jax.hypernet.encoder import context_features
-from d2l_jax.hypernet.head import LoRAHead, bias_lora
+from d2l_jax.hypernet.head import LoRAHead, bias_lora, pad_to_base_layers
 from d2l_jax.hypernet.perceiver import Perceiver
 from d2l_jax.models.families import DecoderConfig
 from d2l_jax.models.lora import LoRA
@@ -23,7 +23,7 @@ from d2l_jax.models.lora import LoRA
 
 def _modules(config: HypernetConfig, base: DecoderConfig) -> tuple[Perceiver, LoRAHead]:
     per_layer_outputs = len(config.target_modules) * config.lora_rank
-    num_outputs = per_layer_outputs if config.layer_to_layer else base.num_layers * per_layer_outputs
+    num_outputs = per_layer_outputs if config.layer_to_layer else config.num_adapted(base) * per_layer_outputs
     return Perceiver(config, num_outputs), LoRAHead(config, base)
 
 
@@ -33,7 +33,7 @@ def init_hypernet(config: HypernetConfig, base: DecoderConfig, key) -> dict:
     perceiver, head = _modules(config, base)
     perceiver_key, head_key = jax.random.split(key)
     features = jnp.zeros((1, 1, base.hidden_size), jnp.float32)
-    latents = jnp.zeros((base.num_layers, 1, len(config.target_modules), config.lora_rank, config.latent_size))
+    latents = jnp.zeros((config.num_adapted(base), 1, len(config.target_modules), config.lora_rank, config.latent_size))
     return {
         "perceiver": perceiver.init(perceiver_key, features, jnp.ones((1, 1), bool))["params"],
         "head": head.init(head_key, latents)["params"],
@@ -45,19 +45,21 @@ def param_count(params) -> int:
 
 
 def layer_latents(config: HypernetConfig, base: DecoderConfig, params: dict, features, mask: Int[Array, "C T"]):
-    """Perceiver latents of the chunks, layer-major: ``[L, C, M, r, H]``.
+    """Perceiver latents of the chunks for the adapted layers, layer-major: ``[L, C, M, r, H]``.
 
     ``features`` are ``[L, C, T, F]`` in layer-to-layer mode (one Perceiver, shared by all layers, maps
-    layer l's features to layer l's latents) and ``[C, T, F]`` otherwise (one Perceiver call emits the
-    latents of every layer). In ``iterative`` mode the layers go through the Perceiver one at a time.
+    layer l's features to layer l's latents; only the adapted layers' are used) and ``[C, T, F]`` otherwise
+    (one Perceiver call emits the latents of every adapted layer). In ``iterative`` mode the layers go
+    through the Perceiver one at a time.
     """
     perceiver, _ = _modules(config, base)
     mask = mask.astype(bool)
     run = lambda f, m: perceiver.apply({"params": params["perceiver"]}, f, m)
-    num_layers, modules, rank = base.num_layers, len(config.target_modules), config.lora_rank
+    num_layers, modules, rank = config.num_adapted(base), len(config.target_modules), config.lora_rank
     if not config.layer_to_layer:
         latents = run(features, mask).reshape(features.shape[0], num_layers, modules, rank, -1)
         return latents.transpose(1, 0, 2, 3, 4)
+    features = features[features.shape[0] - num_layers :]
     _, chunks, length, width = features.shape
     if config.iterative:
         latents = jax.lax.map(lambda f: run(f, mask), features)
@@ -70,9 +72,11 @@ def layer_latents(config: HypernetConfig, base: DecoderConfig, params: dict, fea
 def chunk_adapters(
     config: HypernetConfig, base: DecoderConfig, params: dict, features, mask: Int[Array, "C T"]
 ) -> tuple[dict, dict]:
-    """Per-chunk LoRAs: module -> A ``[C, L, r, d_in]`` and B ``[C, L, r, d_out]`` (float32)."""
+    """Per-chunk LoRAs: module -> A ``[C, L, r, d_in]`` and B ``[C, L, r, d_out]`` (float32; zero below the adapted layers)."""
     _, head = _modules(config, base)
-    return head.apply({"params": params["head"]}, layer_latents(config, base, params, features, mask))
+    lora_a, lora_b = head.apply({"params": params["head"]}, layer_latents(config, base, params, features, mask))
+    pad = lambda x: pad_to_base_layers(x, base.num_layers, 1)
+    return jax.tree.map(pad, lora_a), jax.tree.map(pad, lora_b)
 
 
 def encode_chunks(
@@ -111,7 +115,7 @@ def document_adapters(
     ``chunk_document`` and ``chunk_slot`` describe the flattened chunks (see ``combine_chunk_adapters``).
     """
     chunk_a, chunk_b = encode_chunks(config, base, base_params, params, tokens, mask)
-    bias = bias_lora(params["head"], config.target_modules) if config.use_bias else None
+    bias = bias_lora(params["head"], config.target_modules, base.num_layers) if config.use_bias else None
     return combine_chunk_adapters(
         chunk_a,
         chunk_b,

@@ -307,7 +307,6 @@ class Decoder(nn.Module):
         return_hidden_states: bool = False,
     ) -> DecoderOutput:
         c = self.config
-        dtype = jnp.dtype(c.dtype)
         embedding = self.param(
             "embedding",
             nn.with_logical_partitioning(_KERNEL_INIT, ("vocab", "embed")),
@@ -354,19 +353,46 @@ class Decoder(nn.Module):
 
         logits = None
         if compute_logits:
-            if logit_positions is not None:
-                x = jnp.take_along_axis(x, logit_positions[..., None], axis=1)
-            x = final_norm(x)
-            if c.tie_word_embeddings:
-                logits = jnp.einsum("btd,vd->btv", x, embedding.astype(dtype), preferred_element_type=jnp.float32)
-            else:
+            lm_head = None
+            if not c.tie_word_embeddings:
                 lm_head = self.param(
                     "lm_head", nn.with_logical_partitioning(_KERNEL_INIT, ("embed", "vocab")), (c.hidden_size, c.vocab_size), jnp.float32
                 )
-                logits = jnp.einsum("btd,dv->btv", x, lm_head.astype(dtype), preferred_element_type=jnp.float32)
-            if c.final_logit_softcap is not None:
-                logits = jnp.tanh(logits / c.final_logit_softcap) * c.final_logit_softcap
+            logits = project_logits(c, final_norm, embedding, lm_head, x, logit_positions)
         return DecoderOutput(logits=logits, last_hidden_state=last_hidden_state, hidden_states=hidden_states, cache=new_cache)
+
+
+def project_logits(config: DecoderConfig, final_norm, embedding, lm_head, x: Float[Array, "B T D"], logit_positions=None):
+    """Float32 logits of the final-normed hidden states ``x`` (only at ``logit_positions`` if given)."""
+    dtype = jnp.dtype(config.dtype)
+    if logit_positions is not None:
+        x = jnp.take_along_axis(x, logit_positions[..., None], axis=1)
+    x = final_norm(x)
+    if lm_head is None:
+        logits = jnp.einsum("btd,vd->btv", x, embedding.astype(dtype), preferred_element_type=jnp.float32)
+    else:
+        logits = jnp.einsum("btd,dv->btv", x, lm_head.astype(dtype), preferred_element_type=jnp.float32)
+    if config.final_logit_softcap is not None:
+        logits = jnp.tanh(logits / config.final_logit_softcap) * config.final_logit_softcap
+    return logits
+
+
+def _layer_runner(config: DecoderConfig, params: dict, segment_ids: Int[Array, "B T"]):
+    """``run(x, index, lora_layer)``: decoder layer ``index`` on ``x``, its parameters indexed in place (no copy)."""
+    positions = jnp.maximum(jnp.cumsum(segment_ids > 0, axis=1) - 1, 0)
+    cos, sin = rope_tables(config, positions)
+    slots = jnp.arange(segment_ids.shape[1])
+    mask = attention_mask(segment_ids, segment_ids, slots, slots, config.sliding_window)
+    block = Block(config)
+
+    def run(x, index, lora_layer=None):
+        layer_params = jax.tree.map(lambda p: jax.lax.dynamic_index_in_dim(p, index, keepdims=False), params["layers"])
+        y, _ = block.apply({"params": layer_params}, x, cos, sin, mask, jnp.zeros((), jnp.int32), lora_layer, None)
+        return y
+
+    if config.remat_policy != "none":
+        run = jax.checkpoint(run, policy=_REMAT_POLICIES[config.remat_policy])
+    return run
 
 
 def first_layers_hidden_states(
@@ -375,17 +401,31 @@ def first_layers_hidden_states(
     """Hidden states of the first ``num_layers`` layers, as ``Decoder(...).hidden_states`` of a model cut
     after them: ``[num_layers + 1, B, T, D]``, the last entry final-normed. The stacked layer parameters
     are indexed in place rather than sliced, so no copy of the weights is made."""
-    positions = jnp.maximum(jnp.cumsum(segment_ids > 0, axis=1) - 1, 0)
-    cos, sin = rope_tables(config, positions)
-    slots = jnp.arange(tokens.shape[1])
-    mask = attention_mask(segment_ids, segment_ids, slots, slots, config.sliding_window)
-    block = Block(config)
-
-    def layer(x, index):
-        layer_params = jax.tree.map(lambda p: jax.lax.dynamic_index_in_dim(p, index, keepdims=False), params["layers"])
-        y, _ = block.apply({"params": layer_params}, x, cos, sin, mask, jnp.zeros((), jnp.int32), None, None)
-        return y, x
-
-    x, inputs = jax.lax.scan(layer, embed_tokens(config, params["embedding"], tokens), jnp.arange(num_layers))
+    run = _layer_runner(config, params, segment_ids)
+    x, inputs = jax.lax.scan(lambda x, i: (run(x, i), x), embed_tokens(config, params["embedding"], tokens), jnp.arange(num_layers))
     last = RMSNorm(config.rms_norm_eps, config.norm_weight_offset).apply({"params": params["final_norm"]}, x)
     return jnp.concatenate([inputs, last[None]], axis=0)
+
+
+def late_lora_logits(
+    config: DecoderConfig,
+    params: dict,
+    tokens: Int[Array, "B T"],
+    segment_ids: Int[Array, "B T"],
+    logit_positions: Int[Array, "B P"],
+    lora: LoRA,
+    first_layer: int,
+) -> Float[Array, "B P V"]:
+    """``Decoder(config)`` logits at ``logit_positions`` for a ``lora`` that is zero below ``first_layer``.
+
+    The layers below ``first_layer`` run without the adapter and outside the gradient, so a backward pass
+    only goes through the adapted layers; the result equals the full model's.
+    """
+    run = _layer_runner(config, params, segment_ids)
+    x = embed_tokens(config, params["embedding"], tokens)
+    x, _ = jax.lax.scan(lambda x, i: (run(x, i), None), x, jnp.arange(first_layer))
+    x = jax.lax.stop_gradient(x)
+    late = jax.tree.map(lambda a: jnp.moveaxis(a[:, first_layer:], 1, 0), lora)
+    x, _ = jax.lax.scan(lambda x, inp: (run(x, *inp), None), x, (jnp.arange(first_layer, config.num_layers), late))
+    final_norm = lambda h: RMSNorm(config.rms_norm_eps, config.norm_weight_offset).apply({"params": params["final_norm"]}, h)
+    return project_logits(config, final_norm, params["embedding"], params.get("lm_head"), x, logit_positions)

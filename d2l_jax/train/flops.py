@@ -27,19 +27,22 @@ def hypernet_forward_flops(h: HypernetConfig, base: DecoderConfig, chunks: int, 
     """Forward FLOPs of the Perceiver and head on ``[chunks, tokens]`` context features."""
     width, hidden = base.hidden_size, h.latent_size
     q, kv = h.num_heads * h.head_dim, h.num_kv_heads * h.head_dim
-    feature_sets = base.num_layers if h.layer_to_layer else 1
+    feature_sets = h.num_adapted(base) if h.layer_to_layer else 1
     per_module = len(h.target_modules) * h.lora_rank
-    outputs = per_module if h.layer_to_layer else base.num_layers * per_module
+    outputs = per_module if h.layer_to_layer else h.num_adapted(base) * per_module
     projection = tokens * (2 * width * h.intermediate_factor * width + h.intermediate_factor * width * hidden)
-    def cross_attention(latents: int) -> int:
-        context = tokens * 2 * hidden * kv  # keys and values of every context token
+    def cross_attention(latents: int, context: int) -> int:
         own = latents * (hidden * q + q * hidden + 3 * hidden * h.intermediate_factor * hidden)
-        return context + own + latents * tokens * 2 * q
-    perceiver = projection + h.num_blocks * cross_attention(h.n_latent_queries) + cross_attention(outputs)
+        if latents * h.num_heads < kv:  # keys and values folded into the queries (see CrossAttentionLayer)
+            return own + 2 * latents * h.num_heads * (h.head_dim + context) * hidden
+        return own + context * 2 * hidden * kv + latents * context * 2 * q
+    # The encoder's latents read the context tokens; the decoder's outputs read the encoder's latents.
+    encoder = h.num_blocks * cross_attention(h.n_latent_queries, tokens)
+    perceiver = projection + encoder + cross_attention(outputs, h.n_latent_queries)
     shapes = base.projection_shapes()
     lora_width = sum(shapes[m][0] + shapes[m][1] for m in h.target_modules)
     pre_head = h.num_pre_head_layers * 2 * hidden * h.intermediate_factor * hidden
-    head = base.num_layers * h.lora_rank * (len(h.target_modules) * pre_head + hidden * lora_width)
+    head = h.num_adapted(base) * h.lora_rank * (len(h.target_modules) * pre_head + hidden * lora_width)
     return 2 * chunks * (feature_sets * perceiver + head)
 
 
@@ -52,8 +55,10 @@ def train_step_flops(h: HypernetConfig, base: DecoderConfig, train: TrainConfig,
     rank = (h.max_chunks + int(h.use_bias)) * h.lora_rank
     encoder = decoder_forward_flops(base, chunks, chunk_len, encoder_layers)
     hypernet = 3 * hypernet_forward_flops(h, base, chunks, chunk_len)  # forward + backward
-    # Backward through the frozen student needs activation gradients only: about one more forward.
-    student_flops = 2 * decoder_forward_flops(base, rows, student, base.num_layers, labels, rank, h.target_modules)
+    # Backward through the frozen student needs activation gradients only: about one more forward of
+    # the adapted layers (the layers below them run outside the gradient).
+    forward = lambda layers, logits: decoder_forward_flops(base, rows, student, layers, logits, rank, h.target_modules)
+    student_flops = forward(base.num_layers, labels) + forward(h.num_adapted(base), labels)
     teacher = 0.0
     if "teacher_tokens" in batch:
         teacher = decoder_forward_flops(base, rows, batch["teacher_tokens"].shape[-1], base.num_layers, labels)

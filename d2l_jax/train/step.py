@@ -28,7 +28,7 @@ from flax import struct
 from d2l_jax import sharding
 from d2l_jax.hypernet.config import HypernetConfig
 from d2l_jax.hypernet.hypernet import document_adapters, init_hypernet
-from d2l_jax.models.decoder import Decoder
+from d2l_jax.models.decoder import Decoder, late_lora_logits
 from d2l_jax.models.families import DecoderConfig
 from d2l_jax.train import losses
 from d2l_jax.train.config import TrainConfig
@@ -49,8 +49,13 @@ def _positions(mask):
     return jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
 
 
-def label_logits(base: DecoderConfig, base_params, tokens, mask, label_positions, lora=None):
-    """The base model's float32 logits ``[B, P, V]`` at ``label_positions`` only (with ``lora`` if given)."""
+def label_logits(base: DecoderConfig, base_params, tokens, mask, label_positions, lora=None, first_adapted_layer: int = 0):
+    """The base model's float32 logits ``[B, P, V]`` at ``label_positions`` only (with ``lora`` if given).
+
+    A ``lora`` that is zero below ``first_adapted_layer`` lets the layers below run outside the gradient.
+    """
+    if lora is not None and first_adapted_layer:
+        return late_lora_logits(base, base_params, tokens, mask, label_positions, lora, first_adapted_layer)
     out = Decoder(base).apply(
         {"params": base_params}, tokens, _positions(mask), mask, lora=lora, logit_positions=label_positions
     )
@@ -71,7 +76,8 @@ def micro_batch_loss(params, base_params, batch, *, hyper: HypernetConfig, base:
         batch["chunk_slot"],
         batch["num_chunks"],
     )
-    logits = label_logits(base, base_params, batch["tokens"], batch["mask"], batch["label_positions"], lora)
+    first_adapted = base.num_layers - hyper.num_adapted(base)
+    logits = label_logits(base, base_params, batch["tokens"], batch["mask"], batch["label_positions"], lora, first_adapted)
     mask = batch["label_mask"]
     if train.loss == "ce":
         distill = losses.cross_entropy(logits, batch["labels"], mask)

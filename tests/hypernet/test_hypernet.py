@@ -100,8 +100,13 @@ def dense_delta(a, b, alpha):
     return alpha * jnp.einsum("lrd,lro->ldo", a, b)
 
 
-def test_fresh_hypernet_leaves_base_unchanged(tiny_base):
-    d2l = d2l_jax.D2L.create(tiny_base, TINY_HYPER, seed=3)
+@pytest.mark.parametrize(
+    "changes",
+    [{}, {"b_init": "zero_head", "per_rank_head": True}, {"b_init": "zero_head", "adapted_layers": 2}],
+    ids=["reference", "zero_head-per_rank", "zero_head-adapted"],
+)
+def test_fresh_hypernet_leaves_base_unchanged(tiny_base, changes):
+    d2l = d2l_jax.D2L.create(tiny_base, TINY_HYPER.replace(**changes), seed=3)
     adapter = d2l.internalize(DOCS[1])
     assert adapter.num_chunks > 1
     ids = tiny_base.chat_ids([{"role": "user", "content": "Where is the vault?"}])
@@ -230,6 +235,10 @@ def test_bad_documents_and_configs(tiny_d2l, tiny_base):
         d2l_jax.HypernetConfig(target_modules=("lm_head",))
     with pytest.raises(ValueError, match=r"early_exit_layer=9 outside 1..4"):
         d2l_jax.D2L.create(tiny_base, TINY_HYPER.replace(encoder_type="early_exit", early_exit_layer=9))
+    with pytest.raises(ValueError, match=r"adapted_layers=5 exceeds the base model's 4 layers"):
+        d2l_jax.D2L.create(tiny_base, TINY_HYPER.replace(adapted_layers=5))
+    with pytest.raises(ValueError, match="adapted_layers must be >= 0"):
+        TINY_HYPER.replace(adapted_layers=-1)
 
 
 def test_chunks_respect_max_chunk_len_and_cover_the_document(tiny_d2l):
@@ -381,3 +390,41 @@ def test_shared_pre_head_block_matches_reference_formula(tiny_d2l):
     from d2l_jax.hypernet.head import ResMLPShared
 
     np.testing.assert_allclose(ResMLPShared().apply({"params": params["head"]["pre_head_0"]}, x), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("encoder_type", ["per_layer_activations", "early_exit"])
+def test_adapted_layers_get_the_adapter_and_the_rest_zero(tiny_base, encoder_type):
+    config = TINY_HYPER.replace(encoder_type=encoder_type, adapted_layers=2)
+    d2l = randomized(d2l_jax.D2L.create(tiny_base, config, seed=1))
+    assert d2l.params["head"]["head"].shape[0] == 2 and d2l.params["head"]["bias_B_q_proj"].shape[0] == 2
+    adapter = d2l.internalize(DOCS[1])
+    for module in config.target_modules:
+        a, b = np.asarray(adapter.A[module][0]), np.asarray(adapter.B[module][0])
+        assert a.shape[0] == b.shape[0] == TINY_BASE.num_layers
+        assert not a[:2].any() and not b[:2].any()
+        assert np.abs(a[2:]).max() > 0 and np.abs(b[2:]).max() > 1e-3
+
+
+def test_per_rank_head_with_equal_rank_weights_equals_shared_head(tiny_base):
+    shared = randomized(d2l_jax.D2L.create(tiny_base, TINY_HYPER.replace(target_modules=("down_proj",)), seed=2))
+    config = shared.config.replace(per_rank_head=True)
+    params = jax.tree.map(lambda x: x, shared.params)
+    kernel = shared.params["head"]["head"]  # [L, H, d]
+    params["head"]["head"] = jnp.broadcast_to(kernel[:, None, None], (kernel.shape[0], 1, config.lora_rank, *kernel.shape[1:]))
+    per_rank = d2l_jax.D2L(tiny_base, config, params)
+    fresh_shape = nn.unbox(jax.eval_shape(lambda: hn.init_hypernet(config, TINY_BASE, jax.random.key(0))))["head"]["head"].shape
+    assert fresh_shape == params["head"]["head"].shape
+    ours, theirs = per_rank.internalize(DOCS[0]), shared.internalize(DOCS[0])
+    np.testing.assert_allclose(ours.B["down_proj"], theirs.B["down_proj"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(ours.A["down_proj"], theirs.A["down_proj"], rtol=1e-5, atol=1e-6)
+
+
+def test_zero_head_init_zeroes_only_the_b_columns(tiny_base):
+    config = TINY_HYPER.replace(b_init="zero_head")
+    head = d2l_jax.D2L.create(tiny_base, config, seed=0).params["head"]
+    shapes = TINY_BASE.projection_shapes()
+    for i, module in enumerate(config.target_modules):
+        d_in, d_out = shapes[module]
+        kernel = np.asarray(head["head"][:, i])  # [L, H, d_lora]
+        assert np.abs(kernel[..., :d_in]).min() > 0 and not kernel[..., d_in:].any()
+        np.testing.assert_array_equal(head[f"scaler_B_{module}"], 1.0)

@@ -1,6 +1,7 @@
 """The Flax decoder is the same function as the transformers PyTorch model (tiny random checkpoints)."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import transformers
@@ -149,3 +150,35 @@ def test_first_layers_hidden_states_equal_a_cut_model(tiny_llama):
     expected = Decoder(cut).apply({"params": params}, ids, positions, mask, compute_logits=False, return_hidden_states=True)
     got = first_layers_hidden_states(model.config, model.params, ids, mask, 2)
     np.testing.assert_allclose(np.asarray(got)[:, mask == 1], np.asarray(expected.hidden_states)[:, mask == 1], atol=1e-6)
+
+
+def test_late_lora_logits_equal_the_full_model_in_value_and_gradient(tiny_llama):
+    from d2l_jax.models.decoder import Decoder, late_lora_logits
+    from d2l_jax.models.lora import LoRA
+
+    model, _ = tiny_llama
+    c = model.config
+    ids = _ids(2, 10, c.vocab_size, seed=13)
+    mask = np.ones_like(ids)
+    mask[1, 6:] = 0
+    positions = np.maximum(np.cumsum(mask, 1) - 1, 0)
+    label_positions = np.array([[3, 8], [1, 5]])
+    d_in, d_out = c.projection_shapes()["down_proj"]
+    keys = jax.random.split(jax.random.key(0), 2)
+    first = c.num_layers - 1
+    below = (np.arange(c.num_layers) >= first)[None, :, None, None]
+    a = jax.random.normal(keys[0], (2, c.num_layers, 3, d_in)) * below
+    b = jax.random.normal(keys[1], (2, c.num_layers, 3, d_out)) * 0.1 * below
+
+    def full(a, b):
+        lora = LoRA({"down_proj": a}, {"down_proj": b}, 2.0)
+        return Decoder(c).apply({"params": model.params}, ids, positions, mask, lora=lora, logit_positions=label_positions).logits
+
+    def late(a, b):
+        return late_lora_logits(c, model.params, ids, mask, label_positions, LoRA({"down_proj": a}, {"down_proj": b}, 2.0), first)
+
+    np.testing.assert_allclose(np.asarray(late(a, b)), np.asarray(full(a, b)), atol=1e-5, rtol=1e-5)
+    loss = lambda f: lambda a, b: jnp.sum(jnp.sin(f(a, b)))
+    for got, want in zip(jax.grad(loss(late), (0, 1))(a, b), jax.grad(loss(full), (0, 1))(a, b)):
+        assert float(jnp.abs(want).max()) > 0
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=1e-4)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from pathlib import Path
 from typing import Any, Sequence
@@ -11,6 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
 
 from d2l_jax.data.chunking import chunk_document, document_affixes, tokenize_document
 from d2l_jax.hypernet.config import HypernetConfig
@@ -20,9 +20,9 @@ from d2l_jax.models.generate import bucket_length
 from d2l_jax.models.lora import LoRA
 
 
-@dataclasses.dataclass(frozen=True)
+@struct.dataclass
 class Adapter:
-    """One document's combined LoRA.
+    """One document's combined LoRA (a pytree of its arrays, so ``jax.block_until_ready(adapter)`` waits for it).
 
     Attributes:
       lora: ``A[1, L, R, d_in]`` and ``B[1, L, R, d_out]`` per target module; R >= rank is bucketed
@@ -33,9 +33,9 @@ class Adapter:
     """
 
     lora: LoRA
-    rank: int
-    num_tokens: int
-    num_chunks: int
+    rank: int = struct.field(pytree_node=False)
+    num_tokens: int = struct.field(pytree_node=False)
+    num_chunks: int = struct.field(pytree_node=False)
 
     @property
     def A(self):

@@ -271,6 +271,15 @@ def test_documents_in_one_bucket_compile_once(tiny_d2l, monkeypatch):
     assert len(traces) == 2
 
 
+def test_adapter_is_a_pytree_of_its_arrays(tiny_d2l):
+    adapter = tiny_d2l.internalize(DOCS[0])
+    leaves = jax.tree.leaves(adapter)
+    assert len(leaves) == 2 * len(tiny_d2l.config.target_modules) and all(isinstance(x, jax.Array) for x in leaves)
+    assert isinstance(jax.block_until_ready(adapter), type(adapter))
+    moved = jax.tree.map(lambda x: x * 0, adapter)
+    assert (moved.rank, moved.num_tokens, moved.num_chunks) == (adapter.rank, adapter.num_tokens, adapter.num_chunks)
+
+
 def test_current_adapter_and_reset(tiny_d2l):
     ids = [tiny_d2l.base.chat_ids([{"role": "user", "content": "Where is the vault?"}])]
     base = np.asarray(tiny_d2l.base.logits(ids))

@@ -1,9 +1,11 @@
 """The HyperLoRA head: Perceiver latents -> per-chunk LoRA weights for every layer and target module.
 
-Layer-major latents ``[L, C, M, r, H]`` (L: the adapted layers) go through ResMLP blocks (per-layer weights by default), are L2-normalised
-over H, and a per-layer linear head maps each to ``d_in + d_out`` of its module: one rank row of A and
-one of B. ``scaler_A`` (ones) and ``scaler_B`` (zeros) scale them per layer and rank, so a fresh
-hypernetwork generates ``B = 0``; the learned "bias LoRA" (``bias_A``, ``bias_B``, B zero at init) is
+Layer-major latents ``[L, C, M, r, H]`` (L: the adapted layers) go through ResMLP blocks (per-layer
+weights by default), are L2-normalised over H, and a per-layer linear head (per rank too with
+``per_rank_head``) maps each to ``d_in + d_out`` of its module: one rank row of A and one of B.
+``scaler_A`` (ones) and ``scaler_B`` (zeros) scale them per layer and rank, so a fresh hypernetwork
+generates ``B = 0`` (with ``b_init="zero_head"``, ``scaler_B`` starts at ones and the head's B weights at
+zero instead); the learned "bias LoRA" (``bias_A``, ``bias_B``, B zero at init) is
 appended to every document's adapter when combining.
 """
 

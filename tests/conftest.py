@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import os
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -35,6 +36,17 @@ def save_tiny_model(directory, config_cls=transformers.LlamaConfig, model_cls=No
     model = model.float().eval()
     model.save_pretrained(directory, safe_serialization=True)
     return model
+
+
+def randomized(d2l: d2l_jax.D2L, seed: int = 0) -> d2l_jax.D2L:
+    """A copy whose B is non-zero (a fresh hypernetwork generates B = 0): random scaler_B and bias_B."""
+    params = jax.tree.map(lambda x: x, d2l.params)
+    key = jax.random.key(seed)
+    for name in list(params["head"]):
+        if name.startswith(("scaler_B", "bias_B")):
+            key, sub = jax.random.split(key)
+            params["head"][name] = jax.random.normal(sub, params["head"][name].shape)
+    return d2l_jax.D2L(d2l.base, d2l.config, params)
 
 
 @pytest.fixture(scope="session")

@@ -23,7 +23,7 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from d2l_jax.data.examples import BatchShapes, collate  # noqa: E402
+from d2l_jax.data.examples import collate  # noqa: E402
 from d2l_jax.hypernet.hypernet import param_count  # noqa: E402
 from d2l_jax.models.families import DecoderConfig  # noqa: E402
 from d2l_jax.train.experiment import BaseExecution  # noqa: E402
@@ -101,22 +101,10 @@ def topology_devices(name: str) -> tuple[Chip, list]:
     return chip, list(description.devices)
 
 
-def batch_shapes(run) -> BatchShapes:
-    """The static batch shapes of a run (as ``d2l_jax.train.loop`` builds them)."""
-    return BatchShapes(
-        max_chunk_len=run.hypernet.max_chunk_len,
-        chunks_per_context=run.data.chunks_per_context,
-        max_student_len=run.data.max_student_len,
-        max_labels=run.data.max_labels,
-        max_teacher_len=run.data.max_teacher_len,
-        top_k=run.train.top_k,
-    )
-
-
 def abstract_batch(run, batch_sharding) -> dict[str, jax.ShapeDtypeStruct]:
     """The global training batch of ``run`` as ShapeDtypeStructs: the pipeline's own ``collate`` is run on
     placeholder examples, so the keys, shapes and dtypes are exactly those training feeds."""
-    shapes = batch_shapes(run)
+    shapes = run.batch_shapes()
     example: dict[str, Any] = {"chunks": [[1]], "tokens": [1, 2], "label_start": 1, "label_end": 2}
     if run.train.uses_teacher and run.train.teacher == "online":
         example.update(teacher_tokens=[1, 2], teacher_label_start=1)

@@ -70,6 +70,17 @@ class RunConfig:
     def to_json(self) -> dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self)))
 
+    def batch_shapes(self) -> BatchShapes:
+        """The static shapes every training batch of this run is padded to."""
+        return BatchShapes(
+            max_chunk_len=self.hypernet.max_chunk_len,
+            chunks_per_context=self.data.chunks_per_context,
+            max_student_len=self.data.max_student_len,
+            max_labels=self.data.max_labels,
+            max_teacher_len=self.data.max_teacher_len,
+            top_k=self.train.top_k,
+        )
+
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "RunConfig":
         def tuples(x):
@@ -149,14 +160,7 @@ def training_batch_stream(run: RunConfig, base: BaseModel):
         ChunkSampling(run.data.chunk_probs, run.data.min_chunk_len),
         with_teacher=run.train.uses_teacher and run.train.teacher == "online",
     )
-    shapes = BatchShapes(
-        max_chunk_len=run.hypernet.max_chunk_len,
-        chunks_per_context=run.data.chunks_per_context,
-        max_student_len=run.data.max_student_len,
-        max_labels=run.data.max_labels,
-        max_teacher_len=run.data.max_teacher_len,
-        top_k=run.train.top_k,
-    )
+    shapes = run.batch_shapes()
     return training_batches(
         training_sources(run.data, tokenizer, run.train.seed),
         builder,

@@ -19,6 +19,7 @@ from d2l_jax.eval.efficiency import kv_cache_bytes
 from d2l_jax.models.base_model import BaseModel
 from d2l_jax.models.decoder import Decoder
 from d2l_jax.models.families import DecoderConfig
+from tests.conftest import randomized
 
 TINY_BASE = DecoderConfig(
     vocab_size=49152, hidden_size=64, intermediate_size=96, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=512
@@ -30,17 +31,6 @@ TINY_HYPER = d2l_jax.HypernetConfig(
 SHORT, LONG = (8, 64), (520, 600)  # LONG is past the tiny model's 512-token window
 SETTINGS = sweep.SweepSettings(bins=(SHORT, LONG), depths=(0, 9), samples_per_cell=2, max_new_tokens=4, batch_size=2)
 DOC = "The vault code is 4817 and the vault is in Lisbon, near the river. " * 6
-
-
-def randomized(d2l, seed=0):
-    """Non-zero B (a fresh hypernetwork generates B = 0): random scaler_B and bias_B."""
-    params = jax.tree.map(lambda x: x, d2l.params)
-    key = jax.random.key(seed)
-    for name in list(params["head"]):
-        if name.startswith(("scaler_B", "bias_B")):
-            key, sub = jax.random.split(key)
-            params["head"][name] = jax.random.normal(sub, params["head"][name].shape)
-    return d2l_jax.D2L(d2l.base, d2l.config, params)
 
 
 @pytest.fixture(scope="module")

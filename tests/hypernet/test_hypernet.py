@@ -16,6 +16,7 @@ from d2l_jax.models.decoder import Decoder
 from d2l_jax.models.families import DecoderConfig
 from d2l_jax.models.generate import bucket_length
 from d2l_jax.models.lora import LoRA
+from tests.conftest import randomized
 
 TINY_BASE = DecoderConfig(
     vocab_size=49152, hidden_size=64, intermediate_size=96, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=512
@@ -78,17 +79,6 @@ def tiny_base(smollm2):
     tokens = jnp.zeros((1, 1), jnp.int32)
     params = nn.unbox(Decoder(TINY_BASE).init(jax.random.key(1), tokens, tokens, tokens + 1))["params"]
     return BaseModel("tiny", TINY_BASE, params, smollm2.tokenizer, smollm2.stop_token_ids)
-
-
-def randomized(d2l, seed=0):
-    """Makes B non-zero: random scaler_B and bias_B (a fresh hypernetwork generates B = 0)."""
-    params = jax.tree.map(lambda x: x, d2l.params)
-    key = jax.random.key(seed)
-    for name in list(params["head"]):
-        if name.startswith(("scaler_B", "bias_B")):
-            key, sub = jax.random.split(key)
-            params["head"][name] = jax.random.normal(sub, params["head"][name].shape)
-    return d2l_jax.D2L(d2l.base, d2l.config, params)
 
 
 @pytest.fixture(scope="module")

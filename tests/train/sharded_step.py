@@ -1,4 +1,4 @@
-"""Run as a script with 8 simulated CPU devices: prints JSON comparing sharded and single-device steps."""
+"""Run as a script with 8 simulated CPU devices: loss, gradients and one step on each mesh given as a JSON argument."""
 
 import json
 import os
@@ -20,8 +20,6 @@ from d2l_jax.models.decoder import Decoder  # noqa: E402
 from d2l_jax.train.config import TrainConfig  # noqa: E402
 from d2l_jax.train.step import Trainer, micro_batch_loss  # noqa: E402
 from tests.train.conftest import BASE, HYPER, random_batch  # noqa: E402
-
-MESHES = [{"data": 1}, {"data": 8}, {"data": 2, "fsdp": 2, "tensor": 2}, {"fsdp": 4, "tensor": 2}]
 
 
 def run(mesh_shape, base_params, batch):
@@ -49,10 +47,12 @@ def run(mesh_shape, base_params, batch):
 
 
 def main():
+    """Runs the meshes given as JSON arguments, e.g. ``'{"data": 8}'``."""
+    meshes = [json.loads(m) for m in sys.argv[1:]]
     tokens = jnp.zeros((1, 4), jnp.int32)
     base_params = nn.unbox(Decoder(BASE).init(jax.random.key(1), tokens, tokens, tokens + 1))["params"]
     batch = random_batch(seed=5, rows=8)
-    print(json.dumps({json.dumps(m): run(m, base_params, batch) for m in MESHES}))
+    print(json.dumps({json.dumps(m): run(m, base_params, batch) for m in meshes}))
 
 
 if __name__ == "__main__":

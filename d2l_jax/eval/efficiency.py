@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from d2l_jax.api import D2L, stack_adapters
 from d2l_jax.data.examples import student_messages
-from d2l_jax.eval.long_context import adapter_bytes, answer_program_bytes, internalize_any, replies_to_ids
+from d2l_jax.eval.long_context import adapter_bytes, answer_program_bytes, internalize_any
 from d2l_jax.models.families import DecoderConfig
 
 
@@ -52,7 +52,7 @@ def d2l_costs(d2l: D2L, record: dict, max_new_tokens: int, repeats: int = 1, pro
     adapters, internalize_s = _seconds(lambda: internalize_any(d2l, [record["context"]]), repeats)
     lora = stack_adapters(adapters)
     prompt = base.chat_ids(student_messages(record["prompt"]))
-    reply, answer_s = _seconds(lambda: replies_to_ids(base, [prompt], max_new_tokens, lora=lora), repeats)
+    reply, answer_s = _seconds(lambda: base.generate_ids([prompt], max_new_tokens, lora=lora), repeats)
     kv = kv_cache_bytes(base.config, len(prompt) + max_new_tokens)
     size = adapter_bytes(lora)
     out = {
@@ -87,7 +87,7 @@ def icl_costs(d2l: D2L, record: dict, max_new_tokens: int, repeats: int = 1, pro
     if len(prompt) + max_new_tokens > window:
         out["status"] = f"not run: exceeds window {window} (prompt {len(prompt)} + {max_new_tokens} new tokens)"
         return out
-    reply, answer_s = _seconds(lambda: replies_to_ids(base, [prompt], max_new_tokens), repeats)
+    reply, answer_s = _seconds(lambda: base.generate_ids([prompt], max_new_tokens), repeats)
     out.update(status="ok", reply=reply[0], answer_s=answer_s)
     if program_memory:
         out["answer_program_bytes"] = answer_program_bytes(base, [prompt], max_new_tokens)["total"]

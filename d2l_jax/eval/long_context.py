@@ -27,7 +27,7 @@ from d2l_jax.hypernet.head import bias_lora
 from d2l_jax.hypernet.hypernet import encode_chunks
 from d2l_jax.models import generate as gen
 from d2l_jax.models.base_model import BaseModel
-from d2l_jax.models.lora import LoRA, validate_lora
+from d2l_jax.models.lora import LoRA
 
 _encode_chunks = jax.jit(encode_chunks, static_argnames=("config", "base"))
 
@@ -201,65 +201,13 @@ def truncate_middle(ids: Sequence[int], window: int, max_new_tokens: int) -> lis
     return ids[:keep] + ids[len(ids) - keep :]
 
 
-def _lora_rows(lora: LoRA, prompts: int, rows: int) -> LoRA:
-    batch = next(iter(lora.A.values())).shape[0]
-    if batch not in (1, prompts):
-        raise ValueError(f"lora has {batch} rows; expected 1 or one per prompt ({prompts})")
-    index = np.minimum(np.arange(rows), batch - 1)
-    take = lambda x: jnp.take(x, index, axis=0)
-    return LoRA(A={k: take(v) for k, v in lora.A.items()}, B={k: take(v) for k, v in lora.B.items()}, alpha=lora.alpha)
-
-
-def _generation_args(base: BaseModel, prompts: Sequence[Sequence[int]], max_new_tokens: int, lora: LoRA | None):
-    """Positional arguments and the ``buffer`` of ``generate_tokens`` for greedy replies to ``prompts``."""
-    if not prompts:
-        raise ValueError("no prompts given")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    longest = max(len(p) for p in prompts)
-    base.check_length(longest + max_new_tokens, f"prompt ({longest} tokens) plus max_new_tokens ({max_new_tokens})")
-    rows = 1 << (len(prompts) - 1).bit_length()
-    tokenizer = base.tokenizer
-    pad_id = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else base.stop_token_ids[0]
-    tokens, mask = gen.left_pad([list(p) for p in prompts], gen.bucket_length(longest), rows, pad_id)
-    if lora is not None:
-        lora = _lora_rows(lora, len(prompts), rows)
-        validate_lora(lora, base.config.projection_shapes(), base.config.num_layers, rows)
-    args = (
-        base.config,
-        base.params,
-        tokens,
-        mask,
-        lora,
-        jax.random.key(0),
-        np.asarray(base.stop_token_ids, np.int32),
-        np.float32(0.0),
-        np.float32(1.0),
-        np.int32(max_new_tokens),
-    )
-    return args, gen.bucket_length(max_new_tokens)
-
-
-def replies_to_ids(base: BaseModel, prompts: Sequence[Sequence[int]], max_new_tokens: int, lora: LoRA | None = None) -> list[str]:
-    """Greedy replies to already-templated prompts (token ids), one string per prompt.
-
-    The same program as ``BaseModel.generate`` (left padding to a bucket, the batch to a power of two);
-    ``lora`` has one row shared by all prompts or one per prompt. Raises ValueError when a prompt plus
-    ``max_new_tokens`` exceeds the model's context.
-    """
-    args, buffer = _generation_args(base, prompts, max_new_tokens, lora)
-    out = np.asarray(gen.generate_tokens(*args, buffer=buffer))
-    stops = set(base.stop_token_ids)
-    return [base.tokenizer.decode(gen.strip_after_stop(out[i], stops), skip_special_tokens=True) for i in range(len(prompts))]
-
-
 def answer_program_bytes(
     base: BaseModel, prompts: Sequence[Sequence[int]], max_new_tokens: int, lora: LoRA | None = None
 ) -> dict[str, int]:
-    """XLA's buffer assignment for the program :func:`replies_to_ids` runs on these prompts (compiled,
+    """XLA's buffer assignment for the program :meth:`BaseModel.generate_ids` runs on these prompts (compiled,
     not run): ``arguments`` (base parameters, adapter, prompt), ``temporaries`` (KV cache, activations),
     ``outputs``, and ``total`` = their sum minus aliased bytes, an upper bound on its live memory."""
-    args, buffer = _generation_args(base, prompts, max_new_tokens, lora)
+    args, buffer = base.generation_args(prompts, max_new_tokens, lora)
     stats = gen.generate_tokens.lower(*args, buffer=buffer).compile().memory_analysis()
     arguments, temporaries, outputs = stats.argument_size_in_bytes, stats.temp_size_in_bytes, stats.output_size_in_bytes
     return {

@@ -47,7 +47,7 @@ from d2l_jax.data.niah import (
     split_numbers,
 )
 from d2l_jax.eval.efficiency import EFFICIENCY_METHODS
-from d2l_jax.eval.long_context import internalize_any, replies_to_ids, truncate_middle
+from d2l_jax.eval.long_context import internalize_any, truncate_middle
 from d2l_jax.eval.niah import MAX_NEW_TOKENS
 from d2l_jax.models.generate import bucket_length
 
@@ -190,7 +190,7 @@ def niah_methods(d2l: D2L, settings: SweepSettings, progress: bool = True) -> di
             return {**cached, "reused_replies": True}
         replies, start = [], time.perf_counter()
         for i in tqdm(range(0, len(prompts), rows), desc=desc, leave=False, disable=not progress):
-            replies += replies_to_ids(base, prompts[i : i + rows], m)
+            replies += base.generate_ids(prompts[i : i + rows], m)
         value = {"replies": replies, "answer_s": (time.perf_counter() - start) / len(prompts)}
         cache.put(prompts, value)
         return value
@@ -208,7 +208,7 @@ def niah_methods(d2l: D2L, settings: SweepSettings, progress: bool = True) -> di
             adapters = internalize_any(d2l, [r["context"] for r in batch])
             jax.block_until_ready([a.lora for a in adapters])
             middle = time.perf_counter()
-            replies += replies_to_ids(base, prompts[i : i + step], m, lora=stack_adapters(adapters))
+            replies += base.generate_ids(prompts[i : i + step], m, lora=stack_adapters(adapters))
             internalize_s += middle - start
             answer_s += time.perf_counter() - middle
             chunks += [a.num_chunks for a in adapters]

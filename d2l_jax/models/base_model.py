@@ -152,22 +152,56 @@ class BaseModel:
         Greedy when ``temperature == 0``; otherwise nucleus sampling with ``top_p``. A ``lora`` has one
         row per prompt, or a single row shared by all prompts.
         """
+        return self.generate_ids(self._prompt_ids(prompts_or_messages), max_new_tokens, lora, temperature, top_p, seed)
+
+    def generate_ids(
+        self,
+        prompts: Sequence[Sequence[int]],
+        max_new_tokens: int = 128,
+        lora: LoRA | None = None,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int = 0,
+    ) -> list[str]:
+        """Replies to already-templated prompts (token ids), one string per prompt; otherwise as :meth:`generate`."""
+        args, buffer = self.generation_args(prompts, max_new_tokens, lora, temperature, top_p, seed)
+        out = np.asarray(gen.generate_tokens(*args, buffer=buffer))
+        stops = set(self.stop_token_ids)
+        return [
+            self.tokenizer.decode(gen.strip_after_stop(out[i], stops), skip_special_tokens=True)
+            for i in range(len(prompts))
+        ]
+
+    def generation_args(
+        self,
+        prompts: Sequence[Sequence[int]],
+        max_new_tokens: int,
+        lora: LoRA | None = None,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int = 0,
+    ) -> tuple[tuple, int]:
+        """The positional arguments and the ``buffer`` of ``generate_tokens`` for these prompts.
+
+        Prompts are left-padded to a length bucket and the batch to a power of two (so few programs
+        compile). Raises ValueError when a prompt plus ``max_new_tokens`` exceeds the model's context.
+        """
+        if not prompts:
+            raise ValueError("no prompts given")
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if temperature < 0 or not 0 < top_p <= 1:
             raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
-        prompts = self._prompt_ids(prompts_or_messages)
         longest = max(len(p) for p in prompts)
         self.check_length(longest + max_new_tokens, f"prompt ({longest} tokens) plus max_new_tokens ({max_new_tokens})")
         rows = 1 << (len(prompts) - 1).bit_length()
-        length = gen.bucket_length(longest)
-        buffer = gen.bucket_length(max_new_tokens)
-        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.stop_token_ids[0]
-        tokens, mask = gen.left_pad(prompts, length, rows, pad_id)
+        tokenizer = self.tokenizer
+        pad_id = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else self.stop_token_ids[0]
+        tokens, mask = gen.left_pad([list(p) for p in prompts], gen.bucket_length(longest), rows, pad_id)
         if lora is not None:
             lora = _rows_for_batch(lora, len(prompts), rows)
             validate_lora(lora, self.config.projection_shapes(), self.config.num_layers, rows)
-        out = gen.generate_tokens(
+        args = (
             self.config,
             self.params,
             tokens,
@@ -178,14 +212,8 @@ class BaseModel:
             np.float32(temperature),
             np.float32(top_p),
             np.int32(max_new_tokens),
-            buffer=buffer,
         )
-        out = np.asarray(out)
-        stops = set(self.stop_token_ids)
-        return [
-            self.tokenizer.decode(gen.strip_after_stop(out[i], stops), skip_special_tokens=True)
-            for i in range(len(prompts))
-        ]
+        return args, gen.bucket_length(max_new_tokens)
 
 
 def _rows_for_batch(lora: LoRA, prompts: int, rows: int) -> LoRA:

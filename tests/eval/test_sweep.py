@@ -2,7 +2,6 @@
 tiny random base model with SmolLM2's tokenizer."""
 
 import json
-from pathlib import Path
 
 import flax.linen as nn
 import jax
@@ -195,16 +194,11 @@ def test_long_internalization_equals_one_pass(tiny_d2l, dense_above_rank):
     )
 
 
-def test_replies_to_ids_match_generate(tiny_d2l):
-    base = tiny_d2l.base
-    questions = ["Where is the vault?", "What is the special magic number? Reply with only the number."]
-    adapter = lc.internalize_long(tiny_d2l, DOC)
-    ids = [base.chat_ids(student_messages(q)) for q in questions]
-    messages = [student_messages(q) for q in questions]
-    assert lc.replies_to_ids(base, ids, 6) == base.generate(messages, max_new_tokens=6)
-    assert lc.replies_to_ids(base, ids, 6, lora=adapter.lora) == base.generate(messages, max_new_tokens=6, lora=adapter.lora)
+def test_generate_ids_refuses_a_prompt_past_the_window(tiny_d2l):
     with pytest.raises(ValueError, match="context is 512"):
-        lc.replies_to_ids(base, [[1] * 510], 6)
+        tiny_d2l.base.generate_ids([[1] * 510], 6)
+    with pytest.raises(ValueError, match="no prompts"):
+        tiny_d2l.base.generate_ids([], 6)
 
 
 def test_truncate_middle_keeps_both_ends():

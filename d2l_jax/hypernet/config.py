@@ -32,6 +32,11 @@ class HypernetConfig:
       through its latent). ``b_init`` is how a fresh hypernetwork generates ``B = 0``: ``zero_scaler`` (the
       reference: ``scaler_B`` zeros and a random head) or ``zero_head`` (``scaler_B`` ones and the head's B
       weights zero, so those weights get gradients from the first step, as a plain LoRA's B does).
+      ``shared_a`` makes every chunk's A one learned matrix per layer and rank, independent of the
+      document (the head then emits B only): the document is written into B alone.
+      ``center_head_input`` subtracts a running mean of the head's inputs over training documents (kept
+      by the train step, like batch normalisation's statistics) before the L2 norm; a document's own part
+      of the latents is otherwise a small fraction of them.
     Adapted layers: ``adapted_layers`` limits the adapters to the last that many base layers (0: every
       layer, as the reference); the other layers get zero rows, so adapters keep the base model's layer count,
       and a training step runs them outside the gradient.
@@ -60,6 +65,8 @@ class HypernetConfig:
     use_bias: bool = True
     per_rank_head: bool = False
     b_init: str = "zero_scaler"
+    shared_a: bool = False
+    center_head_input: bool = False
     adapted_layers: int = 0
     l2_eps: float = 1e-12
     max_chunk_len: int = 1024

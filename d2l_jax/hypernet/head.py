@@ -5,7 +5,10 @@ weights by default), are L2-normalised over H, and a per-layer linear head (per 
 ``per_rank_head``) maps each to ``d_in + d_out`` of its module: one rank row of A and one of B.
 ``scaler_A`` (ones) and ``scaler_B`` (zeros) scale them per layer and rank, so a fresh hypernetwork
 generates ``B = 0`` (with ``b_init="zero_head"``, ``scaler_B`` starts at ones and the head's B weights at
-zero instead); the learned "bias LoRA" (``bias_A``, ``bias_B``, B zero at init) is
+zero instead). With ``shared_a`` the head emits only B and every chunk's A is one learned, context-free
+``shared_A`` per layer and rank. With ``center_head_input`` the head's inputs are centred: while training
+on the mean over the batch's documents, afterwards on ``input_mean``, the running mean the train step keeps
+(not a gradient-trained parameter), so B is driven by how a document differs from the typical one. The learned "bias LoRA" (``bias_A``, ``bias_B``, B zero at init) is
 appended to every document's adapter when combining.
 """
 
@@ -106,21 +109,37 @@ class LoRAHead(nn.Module):
     base: DecoderConfig
 
     @nn.compact
-    def __call__(self, latents: Float[Array, "L C M R H"]):
+    def __call__(self, latents: Float[Array, "L C M R H"], inputs_only: bool = False, center_on=None):
+        """``(A, B)``; with ``inputs_only``, the head's inputs ``[L, C, M, r, H]`` before centring and L2 norm.
+
+        ``center_on`` (a ``[C]`` mask, training only) centres on the mean over those chunks instead of the
+        stored ``input_mean``, as batch normalisation uses the batch's statistics while training.
+        """
         c, base = self.config, self.base
         num_layers, rank, width = c.num_adapted(base), c.lora_rank, c.latent_size
         modules = c.target_modules
         shapes = base.projection_shapes()
-        d_lora = max(sum(shapes[m]) for m in modules)
+        d_lora = max(head_width(shapes[m], c.shared_a) for m in modules)
         _, chunks, num_modules, _, _ = latents.shape
         x = latents.reshape(num_layers, -1, width)
         for i in range(c.num_pre_head_layers):
             block = ResMLPPerLayer(num_layers, c.dtype, name=f"pre_head_{i}") if c.per_layer_processing else ResMLPShared(c.dtype, name=f"pre_head_{i}")
             x = block(x)
+        if inputs_only:
+            return x.reshape(num_layers, chunks, num_modules, rank, width)
+        if c.center_head_input:
+            stored = _param(self, "input_mean", nn.initializers.zeros, (num_layers, num_modules, rank, width), ("layers", "modules", "rank", "latent"))
+            x = x.reshape(num_layers, chunks, -1, width)
+            if center_on is None:
+                mean = jax.lax.stop_gradient(stored).reshape(num_layers, 1, -1, width)
+            else:
+                weights = center_on.astype(x.dtype)
+                mean = jnp.einsum("lcnh,c->lnh", x, weights)[:, None] / jnp.maximum(weights.sum(), 1)
+            x = (x - mean).reshape(num_layers, -1, width)
         x = l2_normalize(x, c.l2_eps)
         head_init = nn.initializers.normal(0.5 / math.sqrt(width + d_lora * rank))
         if c.b_init == "zero_head":
-            head_init = _zero_b_columns(head_init, [shapes[m][0] for m in modules], d_lora)
+            head_init = _zero_b_columns(head_init, [0 if c.shared_a else shapes[m][0] for m in modules], d_lora)
         dtype = jnp.dtype(c.dtype)
         if c.per_rank_head:
             axes = ("layers", "modules", "rank", "latent", "lora")
@@ -141,14 +160,26 @@ class LoRAHead(nn.Module):
         lora_a, lora_b = {}, {}
         for i, module in enumerate(modules):
             d_in, d_out = shapes[module]
-            scaler_a = _param(self, f"scaler_A_{module}", nn.initializers.ones, (num_layers, rank), ("layers", "rank"))
             b_scaler_init = nn.initializers.zeros if c.b_init == "zero_scaler" else nn.initializers.ones
             scaler_b = _param(self, f"scaler_B_{module}", b_scaler_init, (num_layers, rank), ("layers", "rank"))
             _param(self, f"bias_A_{module}", nn.initializers.normal(0.2 / math.sqrt(d_in * rank)), (num_layers, rank, d_in), ("layers", "rank", "lora"))
             _param(self, f"bias_B_{module}", nn.initializers.zeros, (num_layers, rank, d_out), ("layers", "rank", "lora"))
-            lora_a[module] = flat[:, :, i, :, :d_in] * scaler_a[None, :, :, None]
-            lora_b[module] = flat[:, :, i, :, d_in : d_in + d_out] * scaler_b[None, :, :, None]
+            if c.shared_a:
+                shared = _param(self, f"shared_A_{module}", nn.initializers.normal(1 / math.sqrt(d_in)), (num_layers, rank, d_in), ("layers", "rank", "lora"))
+                lora_a[module] = jnp.broadcast_to(shared[None], (chunks, num_layers, rank, d_in))
+                b_start = 0
+            else:
+                scaler_a = _param(self, f"scaler_A_{module}", nn.initializers.ones, (num_layers, rank), ("layers", "rank"))
+                lora_a[module] = flat[:, :, i, :, :d_in] * scaler_a[None, :, :, None]
+                b_start = d_in
+            lora_b[module] = flat[:, :, i, :, b_start : b_start + d_out] * scaler_b[None, :, :, None]
         return lora_a, lora_b
+
+
+def head_width(shape: tuple[int, int], shared_a: bool) -> int:
+    """Outputs per rank of a module's head: ``d_in + d_out`` (rows of A and B), or ``d_out`` with a shared A."""
+    d_in, d_out = shape
+    return d_out if shared_a else d_in + d_out
 
 
 def pad_to_base_layers(x: Float[Array, "... n r d"], num_layers: int, layer_axis: int):

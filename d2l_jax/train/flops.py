@@ -8,6 +8,7 @@ are left out; attention is counted in full (causal block skipping saves part of 
 from __future__ import annotations
 
 from d2l_jax.hypernet.config import HypernetConfig
+from d2l_jax.hypernet.head import head_width
 from d2l_jax.models.families import DecoderConfig
 from d2l_jax.train.config import TrainConfig
 
@@ -40,7 +41,7 @@ def hypernet_forward_flops(h: HypernetConfig, base: DecoderConfig, chunks: int, 
     encoder = h.num_blocks * cross_attention(h.n_latent_queries, tokens)
     perceiver = projection + encoder + cross_attention(outputs, h.n_latent_queries)
     shapes = base.projection_shapes()
-    lora_width = sum(shapes[m][0] + shapes[m][1] for m in h.target_modules)
+    lora_width = sum(head_width(shapes[m], h.shared_a) for m in h.target_modules)
     pre_head = h.num_pre_head_layers * 2 * hidden * h.intermediate_factor * hidden
     head = h.num_adapted(base) * h.lora_rank * (len(h.target_modules) * pre_head + hidden * lora_width)
     return 2 * chunks * (feature_sets * perceiver + head)

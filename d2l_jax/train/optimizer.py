@@ -8,7 +8,7 @@ from flax import traverse_util
 from d2l_jax.train.config import TrainConfig
 
 # Parameters whose path contains one of these (lowercased) get no weight decay.
-NO_DECAY = ("norm", "scaler", "bias", "latents_q")
+NO_DECAY = ("norm", "scaler", "bias", "latents_q", "input_mean")
 
 
 def learning_rate_schedule(config: TrainConfig) -> optax.Schedule:

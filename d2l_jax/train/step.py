@@ -27,7 +27,7 @@ from flax import struct
 
 from d2l_jax import sharding
 from d2l_jax.hypernet.config import HypernetConfig
-from d2l_jax.hypernet.hypernet import document_adapters, init_hypernet
+from d2l_jax.hypernet.hypernet import document_adapters, head_input_mean, init_hypernet
 from d2l_jax.models.decoder import Decoder, late_lora_logits
 from d2l_jax.models.families import DecoderConfig
 from d2l_jax.train import losses
@@ -75,6 +75,7 @@ def micro_batch_loss(params, base_params, batch, *, hyper: HypernetConfig, base:
         batch["chunk_document"],
         batch["chunk_slot"],
         batch["num_chunks"],
+        center_on_batch=hyper.center_head_input,
     )
     first_adapted = base.num_layers - hyper.num_adapted(base)
     logits = label_logits(base, base_params, batch["tokens"], batch["mask"], batch["label_positions"], lora, first_adapted)
@@ -119,9 +120,29 @@ def train_step(state: TrainState, base_params, batch, *, hyper, base, train, opt
     metrics["label_tokens"] = metrics["label_tokens"] * micro_batches
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    if hyper.center_head_input:
+        params = _update_head_input_mean(params, state, base_params, batch, hyper, base)
     metrics["grad_norm"] = optax.tree.norm(grads)
     metrics["learning_rate"] = learning_rate_schedule(train)(state.step)
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+HEAD_INPUT_MOMENTUM = 0.9
+
+
+def _update_head_input_mean(params, state: TrainState, base_params, batch, hyper, base):
+    """``input_mean`` <- its running mean (momentum ``HEAD_INPUT_MOMENTUM``) with this batch's mean over
+    real chunks (what the step centred on), for use after training; the first step sets it."""
+
+    def micro_mean(micro):
+        valid = micro["chunk_document"] < micro["num_chunks"].shape[0]
+        return head_input_mean(hyper, base, base_params, state.params, micro["ctx_tokens"], micro["ctx_mask"], valid)
+
+    batch_mean = jnp.mean(jax.lax.map(micro_mean, batch), axis=0)
+    old = state.params["head"]["input_mean"]
+    momentum = jnp.where(state.step == 0, 0.0, HEAD_INPUT_MOMENTUM)
+    head = dict(params["head"], input_mean=momentum * old + (1 - momentum) * batch_mean)
+    return dict(params, head=head)
 
 
 class Trainer:

@@ -11,6 +11,7 @@ from flax import linen as nn
 import d2l_jax
 from d2l_jax.hypernet import hypernet as hn
 from d2l_jax.hypernet.encoder import context_features
+from d2l_jax.hypernet.head import LoRAHead
 from d2l_jax.models.base_model import BaseModel
 from d2l_jax.models.decoder import Decoder
 from d2l_jax.models.families import DecoderConfig
@@ -92,8 +93,13 @@ def dense_delta(a, b, alpha):
 
 @pytest.mark.parametrize(
     "changes",
-    [{}, {"b_init": "zero_head", "per_rank_head": True}, {"b_init": "zero_head", "adapted_layers": 2}],
-    ids=["reference", "zero_head-per_rank", "zero_head-adapted"],
+    [
+        {},
+        {"b_init": "zero_head", "per_rank_head": True},
+        {"b_init": "zero_head", "adapted_layers": 2},
+        {"b_init": "zero_head", "shared_a": True, "center_head_input": True},
+    ],
+    ids=["reference", "zero_head-per_rank", "zero_head-adapted", "zero_head-shared_a-centered"],
 )
 def test_fresh_hypernet_leaves_base_unchanged(tiny_base, changes):
     d2l = d2l_jax.D2L.create(tiny_base, TINY_HYPER.replace(**changes), seed=3)
@@ -427,3 +433,45 @@ def test_zero_head_init_zeroes_only_the_b_columns(tiny_base):
         kernel = np.asarray(head["head"][:, i])  # [L, H, d_lora]
         assert np.abs(kernel[..., :d_in]).min() > 0 and not kernel[..., d_in:].any()
         np.testing.assert_array_equal(head[f"scaler_B_{module}"], 1.0)
+
+
+def test_shared_a_gives_every_chunk_one_a_and_leaves_the_document_to_b(tiny_base):
+    config = TINY_HYPER.replace(shared_a=True, per_rank_head=True)
+    d2l = randomized(d2l_jax.D2L.create(tiny_base, config, seed=4))
+    adapters = [d2l.internalize(doc) for doc in DOCS]
+    assert adapters[1].num_chunks > 1
+    r = config.lora_rank
+    for module in config.target_modules:
+        shared = np.asarray(d2l.params["head"][f"shared_A_{module}"])  # [L, r, d_in]
+        assert f"scaler_A_{module}" not in d2l.params["head"]
+        for adapter in adapters:
+            a = np.asarray(adapter.lora.A[module][0])
+            for chunk in range(adapter.num_chunks):
+                np.testing.assert_array_equal(a[:, chunk * r : (chunk + 1) * r], shared)
+        b_first, b_second = (np.asarray(adapter.lora.B[module][0, :, :r]) for adapter in adapters)
+        assert np.abs(b_first - b_second).max() > 1e-3 * np.abs(b_first).max()
+
+
+def test_centering_subtracts_the_stored_or_the_batch_mean_from_the_head_inputs():
+    """Without pre-head blocks the head's inputs are the latents: centred on m equals uncentred on latents - m."""
+    config = TINY_HYPER.replace(center_head_input=True, num_pre_head_layers=0)
+    shape = (config.num_adapted(TINY_BASE), 3, len(config.target_modules), config.lora_rank, config.latent_size)
+    latents = jax.random.normal(jax.random.key(0), shape)
+    params = nn.unbox(LoRAHead(config, TINY_BASE).init(jax.random.key(1), latents))["params"]
+    params = {k: jnp.ones_like(v) if k.startswith("scaler_B") else v for k, v in params.items()}
+    mean = jax.random.normal(jax.random.key(2), params["input_mean"].shape)
+    centred = LoRAHead(config, TINY_BASE).apply({"params": dict(params, input_mean=mean)}, latents)
+    plain_params = {k: v for k, v in params.items() if k != "input_mean"}
+    plain = LoRAHead(config.replace(center_head_input=False), TINY_BASE).apply({"params": plain_params}, latents - mean[:, None])
+    uncentred = LoRAHead(config, TINY_BASE).apply({"params": params}, latents)
+    for got, want, other in zip(centred, plain, uncentred):
+        for module in config.target_modules:
+            np.testing.assert_allclose(got[module], want[module], rtol=1e-5, atol=1e-6)
+            assert np.abs(np.asarray(got[module] - other[module])).max() > 1e-3
+    # Training centres on the mean over the chunks it is told are real (here the first two of three).
+    on_batch = LoRAHead(config, TINY_BASE).apply({"params": params}, latents, center_on=jnp.array([True, True, False]))
+    batch_mean = latents[:, :2].mean(axis=1)
+    on_stored = LoRAHead(config, TINY_BASE).apply({"params": dict(params, input_mean=batch_mean)}, latents)
+    for got, want in zip(on_batch, on_stored):
+        for module in config.target_modules:
+            np.testing.assert_allclose(got[module], want[module], rtol=1e-5, atol=1e-6)

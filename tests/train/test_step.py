@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
+from d2l_jax.hypernet.hypernet import head_input_mean
 from d2l_jax.train import losses
 from d2l_jax.train.config import TrainConfig
 from d2l_jax.train.optimizer import learning_rate_schedule, weight_decay_mask
-from d2l_jax.train.step import Trainer, label_logits, micro_batch_loss
+from d2l_jax.train.step import HEAD_INPUT_MOMENTUM, Trainer, label_logits, micro_batch_loss
 from tests.train.conftest import BASE, HYPER, random_batch
 
 SGD_LIKE = dict(warmup_steps=0, steps=100, learning_rate=1e-3, min_learning_rate=1e-3)
@@ -84,6 +85,23 @@ def test_the_step_compiles_once(base_params):
         jax.monitoring.unregister_event_duration_listener(listener)
     assert compiles == []
     assert trainer.flops_per_step and trainer.flops_per_step > 0
+
+
+def test_head_input_mean_is_a_running_mean_over_real_chunks(base_params):
+    hyper = HYPER.replace(center_head_input=True)
+    trainer = Trainer(hyper, BASE, TrainConfig(batch_size=2, **SGD_LIKE))
+    state, base = trainer.init_state(), trainer.put_base_params(base_params)
+    expected = 0.0
+    for seed, momentum in [(0, 0.0), (1, HEAD_INPUT_MOMENTUM)]:
+        batch = random_batch(seed=seed)
+        micro = jax.tree.map(lambda x: x[0], batch)
+        real = micro["chunk_document"] < micro["num_chunks"].shape[0]
+        assert not real.all()  # the batch has a padding chunk, which must not count
+        tokens, mask = micro["ctx_tokens"][real], micro["ctx_mask"][real]
+        mean = head_input_mean(hyper, BASE, base_params, state.params, tokens, mask, np.ones(real.sum(), bool))
+        expected = momentum * expected + (1 - momentum) * np.asarray(mean)
+        state, _ = trainer.step(state, base, trainer.put_batch(batch))
+        np.testing.assert_allclose(state.params["head"]["input_mean"], expected, rtol=1e-5, atol=1e-5)
 
 
 def test_weight_decay_mask_and_schedule():

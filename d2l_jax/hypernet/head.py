@@ -113,7 +113,8 @@ class LoRAHead(nn.Module):
         """``(A, B)``; with ``inputs_only``, the head's inputs ``[L, C, M, r, H]`` before centring and L2 norm.
 
         ``center_on`` (a ``[C]`` mask, training only) centres on the mean over those chunks instead of the
-        stored ``input_mean``, as batch normalisation uses the batch's statistics while training.
+        stored ``input_mean``, as batch normalisation uses the batch's statistics while training; that mean
+        ``[L, M, r, H]`` is sown as ``intermediates/batch_input_mean`` for the train step's running mean.
         """
         c, base = self.config, self.base
         num_layers, rank, width = c.num_adapted(base), c.lora_rank, c.latent_size
@@ -135,6 +136,7 @@ class LoRAHead(nn.Module):
             else:
                 weights = center_on.astype(x.dtype)
                 mean = jnp.einsum("lcnh,c->lnh", x, weights)[:, None] / jnp.maximum(weights.sum(), 1)
+                self.sow("intermediates", "batch_input_mean", jax.lax.stop_gradient(mean).reshape(stored.shape))
             x = (x - mean).reshape(num_layers, -1, width)
         x = l2_normalize(x, c.l2_eps)
         head_init = nn.initializers.normal(0.5 / math.sqrt(width + d_lora * rank))

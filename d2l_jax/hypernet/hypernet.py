@@ -71,27 +71,19 @@ def layer_latents(config: HypernetConfig, base: DecoderConfig, params: dict, fea
 
 def chunk_adapters(
     config: HypernetConfig, base: DecoderConfig, params: dict, features, mask: Int[Array, "C T"], center_on=None
-) -> tuple[dict, dict]:
+):
     """Per-chunk LoRAs: module -> A ``[C, L, r, d_in]`` and B ``[C, L, r, d_out]`` (float32; zero below the adapted layers).
 
-    ``center_on``: see ``LoRAHead``."""
+    ``center_on`` (a ``[C]`` mask, training only; see ``LoRAHead``): centre the head's inputs on these
+    chunks' mean, which is returned too: ``((A, B), mean [L, M, r, H])``."""
     _, head = _modules(config, base)
     latents = layer_latents(config, base, params, features, mask)
-    lora_a, lora_b = head.apply({"params": params["head"]}, latents, center_on=center_on)
-    pad = lambda x: pad_to_base_layers(x, base.num_layers, 1)
-    return jax.tree.map(pad, lora_a), jax.tree.map(pad, lora_b)
-
-
-def head_input_mean(
-    config: HypernetConfig, base: DecoderConfig, base_params: dict, params: dict, tokens: Int[Array, "C T"], mask: Int[Array, "C T"], valid
-) -> Float[Array, "L M R H"]:
-    """The mean of the head's inputs (before centring) over the ``valid`` chunks: the statistic that
-    ``center_head_input`` centres on."""
-    _, head = _modules(config, base)
-    features = context_features(config, base, base_params, tokens, mask)
-    inputs = head.apply({"params": params["head"]}, layer_latents(config, base, params, features, mask), inputs_only=True)
-    weights = valid.astype(inputs.dtype)
-    return jnp.einsum("lcmrh,c->lmrh", inputs, weights) / jnp.maximum(weights.sum(), 1)
+    pad = lambda adapters: jax.tree.map(lambda x: pad_to_base_layers(x, base.num_layers, 1), adapters)
+    if center_on is None:
+        return pad(head.apply({"params": params["head"]}, latents))
+    adapters, sown = head.apply({"params": params["head"]}, latents, center_on=center_on, mutable="intermediates")
+    (mean,) = sown["intermediates"]["batch_input_mean"]
+    return pad(adapters), mean
 
 
 def encode_chunks(
@@ -102,10 +94,11 @@ def encode_chunks(
     tokens: Int[Array, "G C T"],
     mask: Int[Array, "G C T"],
     center_on=None,
-) -> tuple[dict, dict]:
+):
     """Chunk token ids in groups -> per-chunk LoRAs ``[G * C, L, r, d]``; groups run one after another.
 
-    ``center_on`` (``[G, C]``, training only): centre the head's inputs on these chunks (one group)."""
+    ``center_on`` (``[G, C]``, training only, one group): centre the head's inputs on these chunks and
+    return their mean too, as ``chunk_adapters`` does."""
 
     def one_group(group):
         group_tokens, group_mask, group_center_on = group
@@ -113,10 +106,12 @@ def encode_chunks(
         return chunk_adapters(config, base, params, features, group_mask, group_center_on)
 
     groups, size = tokens.shape[:2]
+    if center_on is not None:
+        if groups != 1:
+            raise ValueError(f"centring on the batch needs one chunk group, got {groups}")
+        return one_group((tokens[0], mask[0], center_on[0]))
     if groups == 1:
-        out = jax.tree.map(lambda x: x[None], one_group((tokens[0], mask[0], None if center_on is None else center_on[0])))
-    elif center_on is not None:
-        raise ValueError(f"centring on the batch needs one chunk group, got {groups}")
+        out = jax.tree.map(lambda x: x[None], one_group((tokens[0], mask[0], None)))
     else:
         out = jax.lax.map(lambda group: one_group((*group, None)), (tokens, mask))
     return jax.tree.map(lambda x: x.reshape(groups * size, *x.shape[2:]), out)
@@ -139,12 +134,16 @@ def document_adapters(
     """The whole path from grouped chunk ids to one combined adapter per document.
 
     ``chunk_document`` and ``chunk_slot`` describe the flattened chunks (see ``combine_chunk_adapters``).
-    ``center_on_batch`` (training with ``center_head_input``): centre on these documents' chunks.
+    ``center_on_batch`` (training with ``center_head_input``): centre on these documents' real chunks and
+    return ``(adapter, mean)``, the mean ``[L, M, r, H]`` of the head's inputs they were centred on.
     """
-    center_on = (chunk_document < num_chunks.shape[0]).reshape(tokens.shape[:2]) if center_on_batch else None
-    chunk_a, chunk_b = encode_chunks(config, base, base_params, params, tokens, mask, center_on)
+    if center_on_batch:
+        center_on = (chunk_document < num_chunks.shape[0]).reshape(tokens.shape[:2])
+        (chunk_a, chunk_b), mean = encode_chunks(config, base, base_params, params, tokens, mask, center_on)
+    else:
+        chunk_a, chunk_b = encode_chunks(config, base, base_params, params, tokens, mask)
     bias = bias_lora(params["head"], config.target_modules, base.num_layers) if config.use_bias else None
-    return combine_chunk_adapters(
+    adapter = combine_chunk_adapters(
         chunk_a,
         chunk_b,
         chunk_document,
@@ -156,3 +155,4 @@ def document_adapters(
         scalers=scalers,
         bias_scaler=bias_scaler,
     )
+    return (adapter, mean) if center_on_batch else adapter

@@ -56,8 +56,6 @@ def train_step_flops(h: HypernetConfig, base: DecoderConfig, train: TrainConfig,
     rank = (h.max_chunks + int(h.use_bias)) * h.lora_rank
     encoder = decoder_forward_flops(base, chunks, chunk_len, encoder_layers)
     hypernet = 3 * hypernet_forward_flops(h, base, chunks, chunk_len)  # forward + backward
-    if h.center_head_input:  # the running mean's extra pass: encoder and hypernetwork forward
-        encoder, hypernet = 2 * encoder, hypernet + hypernet_forward_flops(h, base, chunks, chunk_len)
     # Backward through the frozen student needs activation gradients only: about one more forward of
     # the adapted layers (the layers below them run outside the gradient).
     forward = lambda layers, logits: decoder_forward_flops(base, rows, student, layers, logits, rank, h.target_modules)

@@ -27,7 +27,7 @@ from flax import struct
 
 from d2l_jax import sharding
 from d2l_jax.hypernet.config import HypernetConfig
-from d2l_jax.hypernet.hypernet import document_adapters, head_input_mean, init_hypernet
+from d2l_jax.hypernet.hypernet import document_adapters, init_hypernet
 from d2l_jax.models.decoder import Decoder, late_lora_logits
 from d2l_jax.models.families import DecoderConfig
 from d2l_jax.train import losses
@@ -63,9 +63,11 @@ def label_logits(base: DecoderConfig, base_params, tokens, mask, label_positions
 
 
 def micro_batch_loss(params, base_params, batch, *, hyper: HypernetConfig, base: DecoderConfig, train: TrainConfig):
-    """(total loss, metrics) of one micro-batch; gradients flow into ``params`` only."""
+    """(total loss, metrics) of one micro-batch; gradients flow into ``params`` only.
+
+    With ``center_head_input`` the metrics carry ``head_input_mean``, the mean the head centred on."""
     base_params = jax.lax.stop_gradient(base_params)
-    lora = document_adapters(
+    adapters = document_adapters(
         hyper,
         base,
         base_params,
@@ -77,6 +79,7 @@ def micro_batch_loss(params, base_params, batch, *, hyper: HypernetConfig, base:
         batch["num_chunks"],
         center_on_batch=hyper.center_head_input,
     )
+    lora, aux = (adapters[0], {"head_input_mean": adapters[1]}) if hyper.center_head_input else (adapters, {})
     first_adapted = base.num_layers - hyper.num_adapted(base)
     logits = label_logits(base, base_params, batch["tokens"], batch["mask"], batch["label_positions"], lora, first_adapted)
     mask = batch["label_mask"]
@@ -97,7 +100,7 @@ def micro_batch_loss(params, base_params, batch, *, hyper: HypernetConfig, base:
             distill = losses.top_k_kl(logits, log_probs, ids, mask)
     l1 = losses.lora_l1(lora, batch["num_chunks"], hyper.lora_rank, hyper.use_bias)
     total = distill + train.l1_coef * l1
-    return total, {"loss": total, "distill": distill, "l1": l1, "label_tokens": mask.sum()}
+    return total, {"loss": total, "distill": distill, "l1": l1, "label_tokens": mask.sum(), **aux}
 
 
 def train_step(state: TrainState, base_params, batch, *, hyper, base, train, optimizer):
@@ -121,7 +124,7 @@ def train_step(state: TrainState, base_params, batch, *, hyper, base, train, opt
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     if hyper.center_head_input:
-        params = _update_head_input_mean(params, state, base_params, batch, hyper, base)
+        params = _update_head_input_mean(params, state, metrics.pop("head_input_mean"))
     metrics["grad_norm"] = optax.tree.norm(grads)
     metrics["learning_rate"] = learning_rate_schedule(train)(state.step)
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
@@ -130,15 +133,9 @@ def train_step(state: TrainState, base_params, batch, *, hyper, base, train, opt
 HEAD_INPUT_MOMENTUM = 0.9
 
 
-def _update_head_input_mean(params, state: TrainState, base_params, batch, hyper, base):
-    """``input_mean`` <- its running mean (momentum ``HEAD_INPUT_MOMENTUM``) with this batch's mean over
+def _update_head_input_mean(params, state: TrainState, batch_mean):
+    """``input_mean`` <- its running mean (momentum ``HEAD_INPUT_MOMENTUM``) with this step's mean over
     real chunks (what the step centred on), for use after training; the first step sets it."""
-
-    def micro_mean(micro):
-        valid = micro["chunk_document"] < micro["num_chunks"].shape[0]
-        return head_input_mean(hyper, base, base_params, state.params, micro["ctx_tokens"], micro["ctx_mask"], valid)
-
-    batch_mean = jnp.mean(jax.lax.map(micro_mean, batch), axis=0)
     old = state.params["head"]["input_mean"]
     momentum = jnp.where(state.step == 0, 0.0, HEAD_INPUT_MOMENTUM)
     head = dict(params["head"], input_mean=momentum * old + (1 - momentum) * batch_mean)

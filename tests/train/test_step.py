@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from d2l_jax.hypernet.hypernet import head_input_mean
+from d2l_jax.hypernet.encoder import context_features
+from d2l_jax.hypernet.head import LoRAHead
+from d2l_jax.hypernet.hypernet import layer_latents
 from d2l_jax.train import losses
 from d2l_jax.train.config import TrainConfig
 from d2l_jax.train.optimizer import learning_rate_schedule, weight_decay_mask
@@ -98,7 +100,9 @@ def test_head_input_mean_is_a_running_mean_over_real_chunks(base_params):
         real = micro["chunk_document"] < micro["num_chunks"].shape[0]
         assert not real.all()  # the batch has a padding chunk, which must not count
         tokens, mask = micro["ctx_tokens"][real], micro["ctx_mask"][real]
-        mean = head_input_mean(hyper, BASE, base_params, state.params, tokens, mask, np.ones(real.sum(), bool))
+        latents = layer_latents(hyper, BASE, state.params, context_features(hyper, BASE, base_params, tokens, mask), mask)
+        inputs = LoRAHead(hyper, BASE).apply({"params": state.params["head"]}, latents, inputs_only=True)
+        mean = np.asarray(inputs).mean(axis=1)
         expected = momentum * expected + (1 - momentum) * np.asarray(mean)
         state, _ = trainer.step(state, base, trainer.put_batch(batch))
         np.testing.assert_allclose(state.params["head"]["input_mean"], expected, rtol=1e-5, atol=1e-5)

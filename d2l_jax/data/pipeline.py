@@ -23,6 +23,8 @@ def training_batches(
     seed: int = 0,
     shard_index: int = 0,
     shard_count: int = 1,
+    warmup_sources=(),
+    warmup_records: int = 0,
 ) -> grain.IterDataset:
     """An endless, shuffled (reshuffled each epoch), checkpointable stream of training batches.
 
@@ -30,18 +32,34 @@ def training_batches(
     them mixed in equal proportions. Each process reads its own ``shard_index``-th of every
     ``shard_count`` records and builds batches of ``batch_size * micro_batches`` examples shaped
     ``[micro_batches, batch_size, ...]``. Examples that do not fit ``shapes`` are skipped, as the
-    reference drops them.
+    reference drops them. A curriculum: with ``warmup_sources``, each process's first ``warmup_records``
+    records come from them (mixed the same way), the rest from ``sources``.
     """
     if not 0 <= shard_index < shard_count:
         raise ValueError(f"shard_index={shard_index} outside [0, shard_count={shard_count})")
-    sources = sources if isinstance(sources, (list, tuple)) else [sources]
-    parts = [grain.MapDataset.source(s)[shard_index::shard_count].seed(seed + i).shuffle() for i, s in enumerate(sources)]
-    dataset = (parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts)).repeat().random_map(builder, seed=seed)
+    if warmup_records < 0 or (warmup_records and not warmup_sources):
+        raise ValueError(f"warmup_records={warmup_records} needs warmup_sources and must be >= 0")
+
+    def shuffled_mix(sources, seed):
+        sources = sources if isinstance(sources, (list, tuple)) else [sources]
+        parts = [grain.MapDataset.source(s)[shard_index::shard_count].seed(seed + i).shuffle() for i, s in enumerate(sources)]
+        return parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts)
+
+    if warmup_records:
+        # grain concatenates finite datasets only: the main stream repeats for more epochs than any run needs.
+        warmup = shuffled_mix(warmup_sources, seed + 1_000).repeat()[:warmup_records]
+        dataset = grain.MapDataset.concatenate([warmup, shuffled_mix(sources, seed).repeat(_MAIN_EPOCHS)])
+    else:
+        dataset = shuffled_mix(sources, seed).repeat()
     return (
-        dataset.to_iter_dataset()
+        dataset.random_map(builder, seed=seed)
+        .to_iter_dataset()
         .filter(functools.partial(fits, shapes=shapes))
         .batch(batch_size * micro_batches, drop_remainder=True, batch_fn=functools.partial(collate, shapes=shapes, micro_batches=micro_batches))
     )
+
+
+_MAIN_EPOCHS = 1_000
 
 
 class RecordSource:

@@ -76,8 +76,11 @@ def chunk_adapters(
 
     ``center_on`` (a ``[C]`` mask, training only; see ``LoRAHead``): centre the head's inputs on these
     chunks' mean, which is returned too: ``((A, B), mean [L, M, r, H])``."""
+    return _head_adapters(config, base, params, layer_latents(config, base, params, features, mask), center_on)
+
+
+def _head_adapters(config: HypernetConfig, base: DecoderConfig, params: dict, latents, center_on=None):
     _, head = _modules(config, base)
-    latents = layer_latents(config, base, params, features, mask)
     pad = lambda adapters: jax.tree.map(lambda x: pad_to_base_layers(x, base.num_layers, 1), adapters)
     if center_on is None:
         return pad(head.apply({"params": params["head"]}, latents))
@@ -95,26 +98,28 @@ def encode_chunks(
     mask: Int[Array, "G C T"],
     center_on=None,
 ):
-    """Chunk token ids in groups -> per-chunk LoRAs ``[G * C, L, r, d]``; groups run one after another.
+    """Chunk token ids in groups -> per-chunk LoRAs ``[G * C, L, r, d]``.
 
-    ``center_on`` (``[G, C]``, training only, one group): centre the head's inputs on these chunks and
-    return their mean too, as ``chunk_adapters`` does."""
+    The encoder and Perceiver run one group after another (so memory is bounded by the group size) and
+    skip groups without a real token, whose latents are zero: a batch that puts its padding chunks last
+    pays nothing for them. The head then maps every chunk's latents at once.
+    ``center_on`` (``[G, C]``, training only): centre the head's inputs on these chunks and return their
+    mean too, as ``chunk_adapters`` does."""
 
-    def one_group(group):
-        group_tokens, group_mask, group_center_on = group
+    def group_latents(group):
+        group_tokens, group_mask = group
         features = context_features(config, base, base_params, group_tokens, group_mask)
-        return chunk_adapters(config, base, params, features, group_mask, group_center_on)
+        return layer_latents(config, base, params, features, group_mask)
 
     groups, size = tokens.shape[:2]
-    if center_on is not None:
-        if groups != 1:
-            raise ValueError(f"centring on the batch needs one chunk group, got {groups}")
-        return one_group((tokens[0], mask[0], center_on[0]))
     if groups == 1:
-        out = jax.tree.map(lambda x: x[None], one_group((tokens[0], mask[0], None)))
+        latents = group_latents((tokens[0], mask[0]))
     else:
-        out = jax.lax.map(lambda group: one_group((*group, None)), (tokens, mask))
-    return jax.tree.map(lambda x: x.reshape(groups * size, *x.shape[2:]), out)
+        shape = jax.eval_shape(group_latents, (tokens[0], mask[0]))
+        skip = lambda group: jnp.zeros(shape.shape, shape.dtype)
+        latents = jax.lax.map(lambda group: jax.lax.cond(group[1].any(), group_latents, skip, group), (tokens, mask))
+        latents = jnp.moveaxis(latents, 0, 1).reshape(shape.shape[0], groups * size, *shape.shape[2:])
+    return _head_adapters(config, base, params, latents, None if center_on is None else center_on.reshape(-1))
 
 
 def document_adapters(

@@ -24,6 +24,9 @@ class TrainConfig:
       ``min_learning_rate`` at ``steps``, global-norm clipping at ``max_grad_norm``.
     Batch: ``batch_size`` (query, context) rows per micro-batch, ``grad_accum_steps`` micro-batches per
       update (gradients averaged, one optimizer step).
+    Encoder: ``chunk_group_size`` chunks of a micro-batch go through the context encoder and Perceiver at
+      a time (0: all at once); groups holding only padding chunks (batches put them last) are skipped,
+      which saves the work on padding when contexts have fewer chunks than the batch reserves.
     Mesh: ``mesh`` maps ``data``/``fsdp``/``tensor`` to sizes (``data`` defaults to the remaining devices).
     """
 
@@ -42,6 +45,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     batch_size: int = 1
     grad_accum_steps: int = 1
+    chunk_group_size: int = 0
     seed: int = 42
     mesh: tuple[tuple[str, int], ...] = ()
 
@@ -55,6 +59,8 @@ class TrainConfig:
         for name in ("top_k", "steps", "batch_size", "grad_accum_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.chunk_group_size < 0:
+            raise ValueError(f"chunk_group_size must be >= 0 (0: all chunks at once), got {self.chunk_group_size}")
         if not 0 <= self.warmup_steps < self.steps:
             raise ValueError(f"warmup_steps={self.warmup_steps} must be in [0, steps={self.steps})")
         if isinstance(self.mesh, dict):

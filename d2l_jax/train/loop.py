@@ -35,6 +35,8 @@ class DataConfig:
     source: ``"niah"`` (generated needle-in-a-haystack contexts, mixed equally from the token-length bins
       ``niah_bins``; evaluated on ``niah_eval_bin``) or a ``.jsonl`` / ``.parquet`` file of
       ``context, prompt, response`` records.
+    niah_warmup_bins / niah_warmup_steps: a curriculum; the first (about: examples that do not fit the
+      shapes are skipped) ``niah_warmup_steps`` steps draw from these bins instead of ``niah_bins``.
     chunk_probs / min_chunk_len: the reference's training-time chunk-count sampling (empty: no splitting).
     The rest are ``BatchShapes`` fields; ``max_chunk_len`` comes from the hypernetwork config.
     """
@@ -43,6 +45,8 @@ class DataConfig:
     niah_bins: tuple[tuple[int, int], ...] = ((32, 256),)
     niah_eval_bin: tuple[int, int] = (32, 256)
     niah_records: int = 1_000_000
+    niah_warmup_bins: tuple[tuple[int, int], ...] = ()
+    niah_warmup_steps: int = 0
     chunk_probs: tuple[tuple[int, float], ...] = ()
     min_chunk_len: int = 25
     chunks_per_context: int = 1
@@ -97,6 +101,12 @@ def training_sources(data: DataConfig, tokenizer, seed: int) -> list:
     if data.source == "niah":
         return [NIAHSource(tokenizer, "train", lo, hi, data.niah_records, seed=seed) for lo, hi in data.niah_bins]
     return [RecordSource(data.source)]
+
+
+def warmup_sources(data: DataConfig, tokenizer, seed: int) -> list:
+    if data.niah_warmup_steps and (data.source != "niah" or not data.niah_warmup_bins):
+        raise ValueError(f"niah_warmup_steps={data.niah_warmup_steps} needs source='niah' and niah_warmup_bins")
+    return [NIAHSource(tokenizer, "train", lo, hi, data.niah_records, seed=seed) for lo, hi in data.niah_warmup_bins]
 
 
 class MetricsWriter:
@@ -161,15 +171,18 @@ def training_batch_stream(run: RunConfig, base: BaseModel):
         with_teacher=run.train.uses_teacher and run.train.teacher == "online",
     )
     shapes = run.batch_shapes()
+    rows = run.train.batch_size // jax.process_count()
     return training_batches(
         training_sources(run.data, tokenizer, run.train.seed),
         builder,
         shapes,
-        run.train.batch_size // jax.process_count(),
+        rows,
         run.train.grad_accum_steps,
         seed=run.train.seed,
         shard_index=jax.process_index(),
         shard_count=jax.process_count(),
+        warmup_sources=warmup_sources(run.data, tokenizer, run.train.seed),
+        warmup_records=run.data.niah_warmup_steps * rows * run.train.grad_accum_steps,
     )
 
 

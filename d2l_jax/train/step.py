@@ -67,13 +67,17 @@ def micro_batch_loss(params, base_params, batch, *, hyper: HypernetConfig, base:
 
     With ``center_head_input`` the metrics carry ``head_input_mean``, the mean the head centred on."""
     base_params = jax.lax.stop_gradient(base_params)
+    chunks, length = batch["ctx_tokens"].shape
+    group = train.chunk_group_size or chunks
+    if chunks % group:
+        raise ValueError(f"train.chunk_group_size={group} does not divide the {chunks} chunk rows of a micro-batch")
     adapters = document_adapters(
         hyper,
         base,
         base_params,
         params,
-        batch["ctx_tokens"][None],
-        batch["ctx_mask"][None],
+        batch["ctx_tokens"].reshape(-1, group, length),
+        batch["ctx_mask"].reshape(-1, group, length),
         batch["chunk_document"],
         batch["chunk_slot"],
         batch["num_chunks"],

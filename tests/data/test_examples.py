@@ -1,5 +1,7 @@
 """Training examples and batches: label spans, teacher alignment, chunk sampling, static shapes, Grain state."""
 
+import itertools
+
 import numpy as np
 import pytest
 
@@ -81,3 +83,14 @@ def test_pipeline_state_round_trip_and_record_files(smollm2, builder, tmp_path):
     path.write_text('{"context": "c", "prompt": "p", "response": "r"}\n{"context": "c"}\n')
     with pytest.raises(ValueError, match="record 1 lacks"):
         RecordSource(path)
+
+
+def test_curriculum_draws_its_first_records_from_the_warmup_sources(smollm2, builder):
+    tok = smollm2.tokenizer
+    records = lambda answer: [dict(RECORD, response=answer)] * 5
+    shapes = BatchShapes(max_chunk_len=64, chunks_per_context=1, max_student_len=48, max_labels=8, max_teacher_len=96)
+    stream = training_batches([records("1111")], builder, shapes, batch_size=2, seed=3, warmup_sources=[records("2222")], warmup_records=6)
+    answers = [tok.decode(row[: row.argmin()])[-len("2222<|im_end|>") :] for batch in itertools.islice(stream, 5) for row in batch["labels"][0]]
+    assert answers == ["2222<|im_end|>"] * 6 + ["1111<|im_end|>"] * 4
+    with pytest.raises(ValueError, match="warmup_records=4 needs warmup_sources"):
+        training_batches([records("1111")], builder, shapes, batch_size=2, warmup_records=4)

@@ -4,6 +4,7 @@ import functools
 
 import jax
 import numpy as np
+import optax
 import pytest
 from flax import traverse_util
 
@@ -70,6 +71,32 @@ def test_accumulated_micro_batches_equal_one_large_batch(base_params):
     np.testing.assert_allclose(results[0][1]["grad_norm"], results[1][1]["grad_norm"], rtol=1e-5)
     np.testing.assert_allclose(results[0][1]["loss"], results[1][1]["loss"], rtol=1e-5)
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6), results[0][0], results[1][0])
+
+
+def test_chunk_groups_skip_padding_without_changing_the_step(base_params):
+    """Encoding in groups of 2, the last of them padding only (skipped), equals encoding all chunks at once
+    (with centred head inputs, whose batch mean must not change either)."""
+    hyper = HYPER.replace(center_head_input=True)
+    batch = random_batch(seed=5)
+    padding = dict(ctx_tokens=0, ctx_mask=0, chunk_document=2, chunk_slot=0)
+    for key, value in padding.items():
+        x = batch[key]
+        batch[key] = np.concatenate([x, np.full((1, 2, *x.shape[2:]), value, x.dtype)], axis=1)
+    params = Trainer(hyper, BASE, TrainConfig(batch_size=2)).init_state().params
+    micro = jax.tree.map(lambda x: x[0], batch)
+    results = []
+    for group in (0, 2):
+        fn = functools.partial(micro_batch_loss, hyper=hyper, base=BASE, train=TrainConfig(loss="ce", chunk_group_size=group))
+        results.append(jax.jit(jax.value_and_grad(fn, has_aux=True))(params, base_params, micro))
+    (loss, metrics), grads = results[0]
+    (grouped_loss, grouped_metrics), grouped_grads = results[1]
+    np.testing.assert_allclose(grouped_loss, loss, rtol=1e-5)
+    assert optax.tree.norm(grads) > 0
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6), grouped_grads, grads)
+    np.testing.assert_allclose(grouped_metrics["head_input_mean"], metrics["head_input_mean"], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="chunk_group_size=4 does not divide the 6 chunk rows"):
+        fn = functools.partial(micro_batch_loss, hyper=hyper, base=BASE, train=TrainConfig(loss="ce", chunk_group_size=4))
+        fn(params, base_params, micro)
 
 
 def test_the_step_compiles_once(base_params):

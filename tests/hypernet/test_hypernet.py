@@ -95,11 +95,10 @@ def dense_delta(a, b, alpha):
     "changes",
     [
         {},
-        {"b_init": "zero_head", "per_rank_head": True},
-        {"b_init": "zero_head", "adapted_layers": 2},
+        {"b_init": "zero_head", "per_rank_head": True, "adapted_layers": 2},
         {"b_init": "zero_head", "shared_a": True, "center_head_input": True},
     ],
-    ids=["reference", "zero_head-per_rank", "zero_head-adapted", "zero_head-shared_a-centered"],
+    ids=["reference", "zero_head-per_rank-adapted", "zero_head-shared_a-centered"],
 )
 def test_fresh_hypernet_leaves_base_unchanged(tiny_base, changes):
     d2l = d2l_jax.D2L.create(tiny_base, TINY_HYPER.replace(**changes), seed=3)

@@ -16,7 +16,6 @@ HYPER = HypernetConfig(
     latent_size=32, n_latent_queries=4, num_blocks=2, num_heads=4, head_dim=8, num_kv_heads=2, lora_rank=2,
     target_modules=("q_proj", "down_proj"), max_chunk_len=16, max_chunks=3,
 )
-SGD_LIKE = dict(warmup_steps=0, steps=100, learning_rate=1e-3, min_learning_rate=1e-3)
 
 
 def random_batch(seed=0, micro_batches=1, rows=2, teacher_top_k=None):

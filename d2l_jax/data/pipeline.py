@@ -12,6 +12,8 @@ import grain
 from d2l_jax.data.examples import BatchShapes, TrainExampleBuilder, collate, fits
 
 RECORD_FIELDS = ("context", "prompt", "response")
+# grain concatenates finite datasets only: after a warmup, the main stream repeats for more epochs than any run needs.
+_MAIN_EPOCHS = 1_000
 
 
 def training_batches(
@@ -46,7 +48,6 @@ def training_batches(
         return parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts)
 
     if warmup_records:
-        # grain concatenates finite datasets only: the main stream repeats for more epochs than any run needs.
         warmup = shuffled_mix(warmup_sources, seed + 1_000).repeat()[:warmup_records]
         dataset = grain.MapDataset.concatenate([warmup, shuffled_mix(sources, seed).repeat(_MAIN_EPOCHS)])
     else:
@@ -57,9 +58,6 @@ def training_batches(
         .filter(functools.partial(fits, shapes=shapes))
         .batch(batch_size * micro_batches, drop_remainder=True, batch_fn=functools.partial(collate, shapes=shapes, micro_batches=micro_batches))
     )
-
-
-_MAIN_EPOCHS = 1_000
 
 
 class RecordSource:

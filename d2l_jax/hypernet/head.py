@@ -109,8 +109,8 @@ class LoRAHead(nn.Module):
     base: DecoderConfig
 
     @nn.compact
-    def __call__(self, latents: Float[Array, "L C M R H"], inputs_only: bool = False, center_on=None):
-        """``(A, B)``; with ``inputs_only``, the head's inputs ``[L, C, M, r, H]`` before centring and L2 norm.
+    def __call__(self, latents: Float[Array, "L C M R H"], center_on=None):
+        """``(A, B)``.
 
         ``center_on`` (a ``[C]`` mask, training only) centres on the mean over those chunks instead of the
         stored ``input_mean``, as batch normalisation uses the batch's statistics while training; that mean
@@ -126,8 +126,6 @@ class LoRAHead(nn.Module):
         for i in range(c.num_pre_head_layers):
             block = ResMLPPerLayer(num_layers, c.dtype, name=f"pre_head_{i}") if c.per_layer_processing else ResMLPShared(c.dtype, name=f"pre_head_{i}")
             x = block(x)
-        if inputs_only:
-            return x.reshape(num_layers, chunks, num_modules, rank, width)
         if c.center_head_input:
             stored = _param(self, "input_mean", nn.initializers.zeros, (num_layers, num_modules, rank, width), ("layers", "modules", "rank", "latent"))
             x = x.reshape(num_layers, chunks, -1, width)

@@ -116,7 +116,9 @@ def test_head_input_mean_is_a_running_mean_over_real_chunks(base_params):
     @jax.jit
     def head_inputs(params, tokens, mask):
         latents = layer_latents(hyper, BASE, params, context_features(hyper, BASE, base_params, tokens, mask), mask)
-        return LoRAHead(hyper, BASE).apply({"params": params["head"]}, latents, inputs_only=True)
+        _, captured = LoRAHead(hyper, BASE).apply({"params": params["head"]}, latents, capture_intermediates=True)
+        (inputs,) = captured["intermediates"][f"pre_head_{hyper.num_pre_head_layers - 1}"]["__call__"]  # before centring
+        return inputs.reshape(latents.shape)
 
     expected = 0.0
     for seed, momentum in [(0, 0.0), (1, HEAD_INPUT_MOMENTUM)]:

@@ -23,7 +23,7 @@ import numpy as np
 
 from d2l_jax.api import D2L, Adapter
 from d2l_jax.data.chunking import chunk_document, tokenize_document
-from d2l_jax.hypernet.head import bias_lora
+from d2l_jax.hypernet.head import bias_lora, pad_to_base_layers
 from d2l_jax.hypernet.hypernet import encode_chunks
 from d2l_jax.models import generate as gen
 from d2l_jax.models.base_model import BaseModel
@@ -127,14 +127,15 @@ def internalize_long(
                 parts_a[m].append(a_m)
                 parts_b[m].append(b_m)
 
-    bias = bias_lora(d2l.params["head"], modules, d2l.base.config.num_layers) if config.use_bias else None
+    bias = bias_lora(d2l.params["head"], modules) if config.use_bias else None
     lora_a, lora_b, ranks = {}, {}, []
     for m in modules:
         d_in, d_out = shapes[m]
         bias_a = bias_b = None
         if bias is not None:
-            bias_a = jnp.asarray(bias[0][m], jnp.float32) * jnp.float32(bias_scaler)
-            bias_b = jnp.asarray(bias[1][m], jnp.float32) * jnp.float32(bias_scaler)
+            every_layer = lambda x: pad_to_base_layers(jnp.asarray(x, jnp.float32), base.config.num_layers, 0)
+            bias_a = every_layer(bias[0][m]) * jnp.float32(bias_scaler)
+            bias_b = every_layer(bias[1][m]) * jnp.float32(bias_scaler)
         if dense[m]:
             total = sums[m] if bias_a is None else _add_products(sums[m], bias_a[None], bias_b[None])
             num_layers = total.shape[0]

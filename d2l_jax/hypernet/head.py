@@ -23,6 +23,7 @@ from jaxtyping import Array, Float
 
 from d2l_jax.hypernet.config import HypernetConfig
 from d2l_jax.hypernet.perceiver import TORCH_LINEAR_INIT
+from d2l_jax.models.decoder import compute_einsum
 from d2l_jax.models.families import DecoderConfig
 
 
@@ -56,8 +57,8 @@ class ResMLPPerLayer(nn.Module):
         w2 = _param(self, "mix2_kernel", _uniform(math.sqrt(3 / hidden)), (self.num_layers, hidden, width), ("layers", "latent_mlp", "latent"))
         b2 = _param(self, "mix2_bias", _uniform(math.sqrt(1 / hidden)), (self.num_layers, width), ("layers", "latent"))
         h = nn.LayerNorm(epsilon=1e-5, name="norm_in")(x)
-        h = jnp.einsum("lnh,lhk->lnk", h.astype(dtype), w1.astype(dtype)) + b1[:, None, :]
-        h = jnp.einsum("lnk,lkh->lnh", jax.nn.silu(h).astype(dtype), w2.astype(dtype)) + b2[:, None, :]
+        h = compute_einsum("lnh,lhk->lnk", h, w1, dtype) + b1[:, None, :]
+        h = compute_einsum("lnk,lkh->lnh", jax.nn.silu(h), w2, dtype) + b2[:, None, :]
         return x + nn.LayerNorm(epsilon=1e-5, name="norm_out")(h).astype(x.dtype)
 
 
@@ -145,16 +146,16 @@ class LoRAHead(nn.Module):
             axes = ("layers", "modules", "rank", "latent", "lora")
             kernel = _param(self, "head", head_init, (num_layers, num_modules, rank, width, d_lora), axes)
             x = x.reshape(num_layers, chunks, num_modules, rank, width)
-            flat = jnp.einsum("lcmrh,lmrhd->lcmrd", x.astype(dtype), kernel.astype(dtype))
+            flat = compute_einsum("lcmrh,lmrhd->lcmrd", x, kernel, dtype)
         elif num_modules == 1:
             kernel = _param(self, "head", head_init, (num_layers, width, d_lora), ("layers", "latent", "lora"))
-            flat = jnp.einsum("lnh,lhd->lnd", x.astype(dtype), kernel.astype(dtype))
+            flat = compute_einsum("lnh,lhd->lnd", x, kernel, dtype)
             flat = flat.reshape(num_layers, chunks, 1, rank, d_lora)
         else:
             kernel = _param(self, "head", head_init, (num_layers, num_modules, width, d_lora), ("layers", "modules", "latent", "lora"))
             x = x.reshape(num_layers, chunks, num_modules, rank, width).transpose(0, 2, 1, 3, 4)
             x = x.reshape(num_layers, num_modules, chunks * rank, width)
-            flat = jnp.einsum("lmnh,lmhd->lmnd", x.astype(dtype), kernel.astype(dtype))
+            flat = compute_einsum("lmnh,lmhd->lmnd", x, kernel, dtype)
             flat = flat.reshape(num_layers, num_modules, chunks, rank, d_lora).transpose(0, 2, 1, 3, 4)
         flat = flat.astype(jnp.float32).transpose(1, 0, 2, 3, 4)  # [C, L, M, r, d_lora]
         lora_a, lora_b = {}, {}
@@ -192,7 +193,6 @@ def pad_to_base_layers(x: Float[Array, "... n r d"], num_layers: int, layer_axis
     return jnp.pad(x, widths)
 
 
-def bias_lora(head_params: dict, modules: tuple[str, ...], num_layers: int) -> tuple[dict, dict]:
-    """The bias LoRA from the head's parameters: module -> ``[L, r, d_in]`` and ``[L, r, d_out]``."""
-    pad = lambda x: pad_to_base_layers(x, num_layers, 0)
-    return {m: pad(head_params[f"bias_A_{m}"]) for m in modules}, {m: pad(head_params[f"bias_B_{m}"]) for m in modules}
+def bias_lora(head_params: dict, modules: tuple[str, ...]) -> tuple[dict, dict]:
+    """The bias LoRA of the adapted layers from the head's parameters: module -> ``[n, r, d_in]`` and ``[n, r, d_out]``."""
+    return {m: head_params[f"bias_A_{m}"] for m in modules}, {m: head_params[f"bias_B_{m}"] for m in modules}

@@ -69,42 +69,29 @@ def layer_latents(config: HypernetConfig, base: DecoderConfig, params: dict, fea
     return latents.reshape(num_layers, chunks, modules, rank, -1)
 
 
-def chunk_adapters(
-    config: HypernetConfig, base: DecoderConfig, params: dict, features, mask: Int[Array, "C T"], center_on=None
-):
-    """Per-chunk LoRAs: module -> A ``[C, L, r, d_in]`` and B ``[C, L, r, d_out]`` (float32; zero below the adapted layers).
+def chunk_adapters(config: HypernetConfig, base: DecoderConfig, params: dict, features, mask: Int[Array, "C T"]):
+    """Per-chunk LoRAs: module -> A ``[C, L, r, d_in]`` and B ``[C, L, r, d_out]`` (float32; zero below the adapted layers)."""
+    latents = layer_latents(config, base, params, features, mask)
+    return _pad_layers(_head_adapters(config, base, params, latents), base)
 
-    ``center_on`` (a ``[C]`` mask, training only; see ``LoRAHead``): centre the head's inputs on these
-    chunks' mean, which is returned too: ``((A, B), mean [L, M, r, H])``."""
-    return _head_adapters(config, base, params, layer_latents(config, base, params, features, mask), center_on)
+
+def _pad_layers(adapters, base: DecoderConfig):
+    """Chunk adapters of the adapted layers -> adapters of every base layer (zero below)."""
+    return jax.tree.map(lambda x: pad_to_base_layers(x, base.num_layers, 1), adapters)
 
 
 def _head_adapters(config: HypernetConfig, base: DecoderConfig, params: dict, latents, center_on=None):
+    """Latents -> chunk adapters of the adapted layers only; with ``center_on``, also the head's input mean."""
     _, head = _modules(config, base)
-    pad = lambda adapters: jax.tree.map(lambda x: pad_to_base_layers(x, base.num_layers, 1), adapters)
     if center_on is None:
-        return pad(head.apply({"params": params["head"]}, latents))
+        return head.apply({"params": params["head"]}, latents)
     adapters, sown = head.apply({"params": params["head"]}, latents, center_on=center_on, mutable="intermediates")
     (mean,) = sown["intermediates"]["batch_input_mean"]
-    return pad(adapters), mean
+    return adapters, mean
 
 
-def encode_chunks(
-    config: HypernetConfig,
-    base: DecoderConfig,
-    base_params: dict,
-    params: dict,
-    tokens: Int[Array, "G C T"],
-    mask: Int[Array, "G C T"],
-    center_on=None,
-):
-    """Chunk token ids in groups -> per-chunk LoRAs ``[G * C, L, r, d]``.
-
-    The encoder and Perceiver run one group after another (so memory is bounded by the group size) and
-    skip groups without a real token, whose latents are zero: a batch that puts its padding chunks last
-    pays nothing for them. The head then maps every chunk's latents at once.
-    ``center_on`` (``[G, C]``, training only): centre the head's inputs on these chunks and return their
-    mean too, as ``chunk_adapters`` does."""
+def _group_adapters(config, base, base_params, params, tokens, mask, center_on=None):
+    """``encode_chunks`` without the padding to every base layer (and with optional centring)."""
 
     def group_latents(group):
         group_tokens, group_mask = group
@@ -117,9 +104,27 @@ def encode_chunks(
     else:
         shape = jax.eval_shape(group_latents, (tokens[0], mask[0]))
         skip = lambda group: jnp.zeros(shape.shape, shape.dtype)
-        latents = jax.lax.map(lambda group: jax.lax.cond(group[1].any(), group_latents, skip, group), (tokens, mask))
+        # The groups run the base model's layers, so they unroll as its loop over layers does.
+        each = lambda _, group: (None, jax.lax.cond(group[1].any(), group_latents, skip, group))
+        _, latents = jax.lax.scan(each, None, (tokens, mask), unroll=base.scan_unroll)
         latents = jnp.moveaxis(latents, 0, 1).reshape(shape.shape[0], groups * size, *shape.shape[2:])
     return _head_adapters(config, base, params, latents, None if center_on is None else center_on.reshape(-1))
+
+
+def encode_chunks(
+    config: HypernetConfig,
+    base: DecoderConfig,
+    base_params: dict,
+    params: dict,
+    tokens: Int[Array, "G C T"],
+    mask: Int[Array, "G C T"],
+):
+    """Chunk token ids in groups -> per-chunk LoRAs ``[G * C, L, r, d]`` (zero below the adapted layers).
+
+    The encoder and Perceiver run one group after another (so memory is bounded by the group size) and
+    skip groups without a real token, whose latents are zero: a batch that puts its padding chunks last
+    pays nothing for them. The head then maps every chunk's latents at once."""
+    return _pad_layers(_group_adapters(config, base, base_params, params, tokens, mask), base)
 
 
 def document_adapters(
@@ -142,12 +147,12 @@ def document_adapters(
     ``center_on_batch`` (training with ``center_head_input``): centre on these documents' real chunks and
     return ``(adapter, mean)``, the mean ``[L, M, r, H]`` of the head's inputs they were centred on.
     """
-    if center_on_batch:
-        center_on = (chunk_document < num_chunks.shape[0]).reshape(tokens.shape[:2])
-        (chunk_a, chunk_b), mean = encode_chunks(config, base, base_params, params, tokens, mask, center_on)
-    else:
-        chunk_a, chunk_b = encode_chunks(config, base, base_params, params, tokens, mask)
-    bias = bias_lora(params["head"], config.target_modules, base.num_layers) if config.use_bias else None
+    center_on = (chunk_document < num_chunks.shape[0]).reshape(tokens.shape[:2]) if center_on_batch else None
+    chunks = _group_adapters(config, base, base_params, params, tokens, mask, center_on)
+    (chunk_a, chunk_b), mean = chunks if center_on_batch else (chunks, None)
+    # Combined on the adapted layers only, then padded: the training step's student slices the padding
+    # off again, and XLA drops a slice of a pad, so no work or memory goes to the layers without adapters.
+    bias = bias_lora(params["head"], config.target_modules) if config.use_bias else None
     adapter = combine_chunk_adapters(
         chunk_a,
         chunk_b,
@@ -160,4 +165,5 @@ def document_adapters(
         scalers=scalers,
         bias_scaler=bias_scaler,
     )
+    adapter = adapter.replace(A=_pad_layers(adapter.A, base), B=_pad_layers(adapter.B, base))
     return (adapter, mean) if center_on_batch else adapter

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float
 
 from d2l_jax.hypernet.config import HypernetConfig
-from d2l_jax.models.decoder import MASKED_SCORE, Linear, RMSNorm, attend, rms_normalize
+from d2l_jax.models.decoder import MASKED_SCORE, Linear, RMSNorm, attend, compute_einsum, rms_normalize
 
 TORCH_LINEAR_INIT = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
 
@@ -69,24 +69,24 @@ class CrossAttentionLayer(nn.Module):
 
         context_scale = NormScale(name="input_context_norm")(width).astype(dtype)[:, None, None]
         context_n = unit_context.astype(dtype)
-        q = norm("input_latents_norm")(latents).astype(dtype) @ w_q
+        q = compute_einsum("nqh,hd->nqd", norm("input_latents_norm")(latents), w_q, dtype)
         q = q.reshape(n, q_len, heads, head_dim) * jnp.asarray(head_dim**-0.5, dtype)
         w_k = context_scale * w_k.reshape(width, kv_heads, head_dim)
         w_v = context_scale * w_v.reshape(width, kv_heads, head_dim)
         absorb = self.absorb if self.absorb is not None else q_len * heads < kv_heads * head_dim
         if absorb:
             # Rows a = (query, kv head, group): plain batched matmuls against the context.
-            q_ctx = jnp.einsum("nqkgd,hkd->nqkgh", q.reshape(n, q_len, kv_heads, groups, head_dim), w_k)
+            q_ctx = compute_einsum("nqkgd,hkd->nqkgh", q.reshape(n, q_len, kv_heads, groups, head_dim), w_k, dtype)
             scores = jnp.einsum("nah,nsh->nas", q_ctx.reshape(n, -1, width), context_n, preferred_element_type=jnp.float32)
             scores = jnp.where(mask[:, None, :], scores, MASKED_SCORE)
             probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-            out = jnp.einsum("nas,nsh->nah", probs, context_n).reshape(n, q_len, kv_heads, groups, width)
-            out = jnp.einsum("nqkgh,hkd->nqkgd", out, w_v)
+            out = compute_einsum("nas,nsh->nah", probs, context_n, dtype).reshape(n, q_len, kv_heads, groups, width)
+            out = compute_einsum("nqkgh,hkd->nqkgd", out, w_v, dtype)
         else:
-            k = jnp.einsum("nsh,hkd->nskd", context_n, w_k)
-            v = jnp.einsum("nsh,hkd->nskd", context_n, w_v)
+            k = compute_einsum("nsh,hkd->nskd", context_n, w_k, dtype)
+            v = compute_einsum("nsh,hkd->nskd", context_n, w_v, dtype)
             out = attend(q, k, v, jnp.broadcast_to(mask[:, None, :], (n, q_len, mask.shape[1])))
-        out = out.reshape(n, q_len, heads * head_dim) @ w_o
+        out = compute_einsum("nqd,dh->nqh", out.reshape(n, q_len, heads * head_dim), w_o, dtype)
         latents = latents + norm("post_attention_norm")(out)
         hidden = c.intermediate_factor * width
         mlp = SwiGLU(hidden, width, ("latent", "latent_mlp", "latent"), c.dtype, name="mlp")

@@ -13,6 +13,8 @@ from typing import Any
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims")
+# DecoderConfig fields that say how a model runs, not what it computes.
+EXECUTION_FIELDS = ("dtype", "remat_policy", "scan_unroll")
 
 
 class UnsupportedArchitectureError(ValueError):
@@ -62,6 +64,9 @@ class DecoderConfig:
     # Execution.
     dtype: str = "float32"  # matmul compute dtype; norms, softmax and logits stay in float32
     remat_policy: str = "none"
+    # Layers per iteration of the loops over layers (jax.lax.scan's unroll). XLA's CPU backend runs the
+    # matmuls of a loop body on one thread, so unrolling pays there; TPUs and GPUs want the loop.
+    scan_unroll: int = 1
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
@@ -70,6 +75,8 @@ class DecoderConfig:
             )
         if self.remat_policy not in REMAT_POLICIES:
             raise ValueError(f"remat_policy={self.remat_policy!r}; expected one of {REMAT_POLICIES}")
+        if self.scan_unroll < 1:
+            raise ValueError(f"scan_unroll must be >= 1, got {self.scan_unroll}")
 
     def replace(self, **changes: Any) -> "DecoderConfig":
         return dataclasses.replace(self, **changes)

@@ -19,10 +19,11 @@ from typing import Any
 
 import grain
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from d2l_jax.models.families import DecoderConfig
+from d2l_jax.models.families import EXECUTION_FIELDS, DecoderConfig
 
 
 class CheckpointMismatchError(ValueError):
@@ -34,11 +35,12 @@ class CheckpointCorruptError(ValueError):
 
 
 def base_identity(name: str, config: DecoderConfig, params) -> dict[str, Any]:
-    """What identifies a base model: its name, architecture and a fingerprint of its embedding weights."""
-    embedding = np.asarray(jax.device_get(params["embedding"][:64]), np.float64)
+    """What identifies a base model: its name, architecture and a fingerprint of its embedding weights
+    (rounded to bfloat16 first, so a float32 and a bfloat16 copy of the same model agree)."""
+    embedding = np.asarray(jax.device_get(params["embedding"][:64].astype(jnp.bfloat16)), np.float64)
     return {
         "name": str(name),
-        "architecture": {k: v for k, v in dataclasses.asdict(config).items() if k not in ("dtype", "remat_policy")},
+        "architecture": {k: v for k, v in dataclasses.asdict(config).items() if k not in EXECUTION_FIELDS},
         "fingerprint": float(np.abs(embedding).sum()),
     }
 

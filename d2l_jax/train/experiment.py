@@ -6,6 +6,7 @@ that says how the frozen base model is stored and run:
   param_dtype   dtype of the base weights in memory (``float32`` or ``bfloat16``)
   dtype         matmul compute dtype (defaults to ``param_dtype``); norms, softmax and logits stay float32
   remat_policy  rematerialisation of the scanned decoder layers (``DecoderConfig.remat_policy``)
+  scan_unroll   layers per iteration of the loops over layers (``DecoderConfig.scan_unroll``)
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ class BaseExecution:
     param_dtype: str = "float32"
     dtype: str | None = None
     remat_policy: str = "none"
+    scan_unroll: int = 1
 
     def __post_init__(self):
         for name in ("param_dtype", "dtype"):
@@ -36,14 +38,16 @@ class BaseExecution:
                 raise ValueError(f"base.{name}={value!r}; expected one of {DTYPES}")
         if self.remat_policy not in REMAT_POLICIES:
             raise ValueError(f"base.remat_policy={self.remat_policy!r}; expected one of {REMAT_POLICIES}")
+        if self.scan_unroll < 1:
+            raise ValueError(f"base.scan_unroll must be >= 1, got {self.scan_unroll}")
 
     @property
     def compute_dtype(self) -> str:
         return self.dtype or self.param_dtype
 
     def apply(self, config: DecoderConfig) -> DecoderConfig:
-        """``config`` with this compute dtype and remat policy."""
-        return config.replace(dtype=self.compute_dtype, remat_policy=self.remat_policy)
+        """``config`` with this compute dtype, remat policy and loop unrolling."""
+        return config.replace(dtype=self.compute_dtype, remat_policy=self.remat_policy, scan_unroll=self.scan_unroll)
 
 
 def parse_experiment(settings: dict[str, Any]):

@@ -137,7 +137,8 @@ def test_sharded_safetensors_directory_loads(tmp_path, tiny_llama):
     np.testing.assert_allclose(np.asarray(model.logits(ids)), torch_logits(torch_model, ids), atol=TOL, rtol=0)
 
 
-def test_first_layers_hidden_states_equal_a_cut_model(tiny_llama):
+@pytest.mark.parametrize("unroll", [1, 2])
+def test_first_layers_hidden_states_equal_a_cut_model(tiny_llama, unroll):
     from d2l_jax.models.decoder import Decoder, first_layers_hidden_states
 
     model, _ = tiny_llama
@@ -148,11 +149,12 @@ def test_first_layers_hidden_states_equal_a_cut_model(tiny_llama):
     params = dict(model.params, layers=jax.tree.map(lambda p: p[:2], model.params["layers"]))
     positions = np.maximum(np.cumsum(mask, 1) - 1, 0)
     expected = Decoder(cut).apply({"params": params}, ids, positions, mask, compute_logits=False, return_hidden_states=True)
-    got = first_layers_hidden_states(model.config, model.params, ids, mask, 2)
+    got = first_layers_hidden_states(model.config.replace(scan_unroll=unroll), model.params, ids, mask, 2)
     np.testing.assert_allclose(np.asarray(got)[:, mask == 1], np.asarray(expected.hidden_states)[:, mask == 1], atol=1e-6)
 
 
-def test_late_lora_logits_equal_the_full_model_in_value_and_gradient(tiny_llama):
+@pytest.mark.parametrize("unroll", [1, 2])
+def test_late_lora_logits_equal_the_full_model_in_value_and_gradient(tiny_llama, unroll):
     from d2l_jax.models.decoder import Decoder, late_lora_logits
     from d2l_jax.models.lora import LoRA
 
@@ -175,7 +177,8 @@ def test_late_lora_logits_equal_the_full_model_in_value_and_gradient(tiny_llama)
         return Decoder(c).apply({"params": model.params}, ids, positions, mask, lora=lora, logit_positions=label_positions).logits
 
     def late(a, b):
-        return late_lora_logits(c, model.params, ids, mask, label_positions, LoRA({"down_proj": a}, {"down_proj": b}, 2.0), first)
+        lora = LoRA({"down_proj": a}, {"down_proj": b}, 2.0)
+        return late_lora_logits(c.replace(scan_unroll=unroll), model.params, ids, mask, label_positions, lora, first)
 
     np.testing.assert_allclose(np.asarray(late(a, b)), np.asarray(full(a, b)), atol=1e-5, rtol=1e-5)
     loss = lambda f: lambda a, b: jnp.sum(jnp.sin(f(a, b)))

@@ -25,10 +25,14 @@ def test_base_section_sets_weights_dtype_compute_dtype_and_remat():
     assert execution == BaseExecution(param_dtype="bfloat16", dtype="bfloat16", remat_policy="full")
     base = execution.apply(base_architecture(run.model))
     assert (base.dtype, base.remat_policy, base.num_layers, base.hidden_size) == ("bfloat16", "full", 32, 4096)
-    # Without the section, the base model runs as before: float32 weights and matmuls, no remat.
     run, execution = parse_experiment(experiment("niah_smollm2"))
-    assert execution == BaseExecution() and execution.compute_dtype == "float32"
-    assert BaseExecution(param_dtype="bfloat16").compute_dtype == "bfloat16"
+    assert execution == BaseExecution(param_dtype="bfloat16", scan_unroll=30) and execution.compute_dtype == "bfloat16"
+    assert execution.apply(base_architecture(run.model)).scan_unroll == 30
+    # Without the section, the base model runs as before: float32 weights and matmuls, no remat, loops.
+    assert parse_experiment({k: v for k, v in experiment("niah_smollm2").items() if k != "base"})[1] == BaseExecution()
+    assert BaseExecution().compute_dtype == "float32"
+    with pytest.raises(ValueError, match="base.scan_unroll must be >= 1"):
+        BaseExecution(scan_unroll=0)
     with pytest.raises(ValueError, match="base.remat_policy='sometimes'"):
         BaseExecution(remat_policy="sometimes")
     with pytest.raises(ValueError, match="base.param_dtype='float16'"):

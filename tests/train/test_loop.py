@@ -82,6 +82,16 @@ def test_loaded_hypernet_internalizes(base, straight):
     assert np.abs(np.asarray(adapter.B["down_proj"])).max() > 0  # trained: B is no longer zero
 
 
+def test_a_bfloat16_copy_of_the_base_model_is_the_same_base_model(base, straight):
+    half = dataclasses.replace(
+        base,
+        params=jax.tree.map(lambda p: p.astype(jnp.bfloat16), base.params),
+        config=base.config.replace(dtype="bfloat16", scan_unroll=2),
+    )
+    d2l = D2L.load(straight, base=half)  # how the weights are stored and run is not what identifies them
+    jax.tree.map(np.testing.assert_array_equal, d2l.params, D2L.load(straight, base=base).params)
+
+
 def test_checkpoint_of_another_base_model_is_refused(smollm2, straight):
     before = files(straight)
     other = tiny_base(smollm2.tokenizer, smollm2.stop_token_ids, seed=2)

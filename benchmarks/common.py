@@ -8,14 +8,28 @@ import time
 import numpy as np
 
 
-def hypernet_config(name: str):
+PRECISIONS = ("float32", "bfloat16")
+
+
+def hypernet_config(name: str, precision: str = "float32"):
+    """A named hypernetwork configuration whose matmuls run in ``precision`` (parameters stay float32)."""
     import d2l_jax
 
-    return {
+    config = {
         "main": d2l_jax.HypernetConfig(max_chunks=64),
         "niah": d2l_jax.HypernetConfig.niah(early_exit_layer=7),
         "niah_cpu": d2l_jax.HypernetConfig.niah_cpu(early_exit_layer=7, max_chunk_len=1024, max_chunks=64),
     }[name]
+    return config.replace(dtype=precision)
+
+
+def load_smollm2(precision: str = "float32"):
+    """The embedded SmolLM2 in ``precision``: float32 as loaded, or bfloat16 weights and matmuls (float32
+    sums) with the layer loops unrolled, which is how XLA's CPU backend multiplies bfloat16 fastest."""
+    from d2l_jax.train.experiment import BaseExecution, load_experiment_base
+
+    unroll = 1 if precision == "float32" else 30
+    return load_experiment_base("smollm2-135m-instruct", BaseExecution(param_dtype=precision, scan_unroll=unroll))
 
 
 def peak_rss_gb() -> float:

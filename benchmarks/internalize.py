@@ -4,7 +4,7 @@ Each (configuration, length) case runs in its own process so that its peak resid
 Latency is the median of ``--repeats`` calls after a first call that also compiles; documents are
 built to have exactly the requested number of templated tokens.
 
-    python benchmarks/internalize.py [--lengths=128,512,2048,8192] [--configs=main,niah,niah_cpu]
+    python benchmarks/internalize.py [--lengths=128,512,2048,8192] [--configs=main,niah,niah_cpu] [--precision=bfloat16]
 """
 
 from __future__ import annotations
@@ -17,11 +17,12 @@ import time
 import numpy as np
 from absl import app, flags
 
-from common import hypernet_config, matmul_gflops, peak_rss_gb
+from common import PRECISIONS, hypernet_config, load_smollm2, matmul_gflops, peak_rss_gb
 
 _LENGTHS = flags.DEFINE_list("lengths", ["128", "512", "2048", "8192"], "Templated document lengths in tokens.")
 _CONFIGS = flags.DEFINE_list("configs", ["main", "niah", "niah_cpu"], "Hypernetwork configurations.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed calls per case.")
+_PRECISION = flags.DEFINE_enum("precision", "float32", PRECISIONS, "Base model and hypernetwork matmuls (see common.load_smollm2).")
 _CASE = flags.DEFINE_string("case", None, "Internal: run one CONFIG:LENGTH case and print JSON.")
 
 WORDS = "the of and river house garden window number quiet blue seven market bridge winter".split()
@@ -39,13 +40,13 @@ def document_of_length(d2l, tokens: int) -> str:
         words = words[: len(words) + tokens - count] if count > tokens else words + list(rng.choice(WORDS, tokens - count))
 
 
-def run_case(config_name: str, tokens: int, repeats: int) -> dict:
+def run_case(config_name: str, tokens: int, repeats: int, precision: str) -> dict:
     import jax
 
     import d2l_jax
 
-    base = d2l_jax.load_base_model("smollm2-135m-instruct")
-    d2l = d2l_jax.D2L.create(base, hypernet_config(config_name))
+    base = load_smollm2(precision)
+    d2l = d2l_jax.D2L.create(base, hypernet_config(config_name, precision))
     document = document_of_length(d2l, tokens)
     rss_before = peak_rss_gb()
     start = time.perf_counter()
@@ -74,14 +75,14 @@ def main(argv):
     del argv
     if _CASE.value:
         config_name, tokens = _CASE.value.split(":")
-        print(json.dumps(run_case(config_name, int(tokens), _REPEATS.value)))
+        print(json.dumps(run_case(config_name, int(tokens), _REPEATS.value, _PRECISION.value)))
         return
     import jax
 
     rows = []
     for config_name in _CONFIGS.value:
         for tokens in _LENGTHS.value:
-            command = [sys.executable, __file__, f"--case={config_name}:{tokens}", f"--repeats={_REPEATS.value}"]
+            command = [sys.executable, __file__, f"--case={config_name}:{tokens}", f"--repeats={_REPEATS.value}", f"--precision={_PRECISION.value}"]
             result = subprocess.run(command, capture_output=True, text=True)
             if result.returncode:
                 print(f"{config_name}:{tokens} failed:\n{result.stderr[-2000:]}", flush=True)
@@ -89,7 +90,7 @@ def main(argv):
             row = json.loads(result.stdout.strip().splitlines()[-1])
             rows.append(row)
             print(json.dumps(row), flush=True)
-    print(f"\njax {jax.__version__}; SmolLM2-135M-Instruct, fp32, CPU")
+    print(f"\njax {jax.__version__}; SmolLM2-135M-Instruct, {_PRECISION.value}, CPU")
     print("| config | hypernet params | tokens | chunks | latency (s) | ms / 1k tokens | first call incl. compile (s) | peak RSS (GB) | RSS before (GB) | matmul GFLOP/s then |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:

@@ -1,11 +1,14 @@
-"""One meta-training step on the embedded SmolLM2: 256 context tokens + 64 student tokens, batch 1, fp32.
+"""One meta-training step on the embedded SmolLM2: 256 context tokens + 64 student tokens, batch 1 (fp32 by default).
 
 The cases the authors' PyTorch code was measured on here (reference-cpu.md): the main configuration
 with the top-16 KL loss (offline teacher targets in the batch, as the reference trains) and with CE,
 and the NIAH configuration with CE. Each case runs in its own process so its peak memory is its own;
 step time is the median of ``--repeats`` steps after the compiling first step.
 
-    python benchmarks/train_step.py [--cases=main:top_k_kl,main:ce,niah:ce] [--repeats=5]
+    python benchmarks/train_step.py [--cases=main:top_k_kl,main:ce,niah:ce] [--repeats=5] [--precision=bfloat16]
+
+``--precision=bfloat16`` runs the base model and the hypernetwork's matmuls in bfloat16 (parameters and
+optimizer state of the hypernetwork stay float32), as ``experiments/niah_smollm2.py`` trains.
 """
 
 from __future__ import annotations
@@ -19,10 +22,11 @@ import numpy as np
 from absl import app, flags
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from common import hypernet_config, matmul_gflops, peak_rss_gb  # noqa: E402
+from common import PRECISIONS, hypernet_config, load_smollm2, matmul_gflops, peak_rss_gb  # noqa: E402
 
 _CASES = flags.DEFINE_list("cases", ["main:top_k_kl", "main:ce", "niah:ce"], "CONFIG:LOSS cases.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed steps per case.")
+_PRECISION = flags.DEFINE_enum("precision", "float32", PRECISIONS, "Base model and hypernetwork matmuls (see common.load_smollm2).")
 _CASE = flags.DEFINE_string("case", None, "Internal: run one case and print JSON.")
 
 CONTEXT, STUDENT, LABELS, TOP_K = 256, 64, 16, 16
@@ -52,7 +56,7 @@ def batch(vocab: int, with_targets: bool) -> dict:
     return b
 
 
-def run_case(case: str, repeats: int) -> dict:
+def run_case(case: str, repeats: int, precision: str) -> dict:
     import jax
 
     import d2l_jax
@@ -60,8 +64,8 @@ def run_case(case: str, repeats: int) -> dict:
     from d2l_jax.train.step import Trainer
 
     config_name, loss = case.split(":")
-    base = d2l_jax.load_base_model("smollm2-135m-instruct")
-    hyper = hypernet_config(config_name).replace(max_chunk_len=CONTEXT)
+    base = load_smollm2(precision)
+    hyper = hypernet_config(config_name, precision).replace(max_chunk_len=CONTEXT)
     trainer = Trainer(hyper, base.config, TrainConfig(loss=loss, teacher="offline", batch_size=1, steps=1000))
     state, base_params = trainer.init_state(), trainer.put_base_params(base.params)
     data = trainer.put_batch(batch(base.config.vocab_size, loss == "top_k_kl"))
@@ -91,17 +95,19 @@ def run_case(case: str, repeats: int) -> dict:
 def main(argv):
     del argv
     if _CASE.value:
-        print(json.dumps(run_case(_CASE.value, _REPEATS.value)))
+        print(json.dumps(run_case(_CASE.value, _REPEATS.value, _PRECISION.value)))
         return
     rows = []
     for case in _CASES.value:
-        result = subprocess.run([sys.executable, __file__, f"--case={case}", f"--repeats={_REPEATS.value}"], capture_output=True, text=True)
+        command = [sys.executable, __file__, f"--case={case}", f"--repeats={_REPEATS.value}", f"--precision={_PRECISION.value}"]
+        result = subprocess.run(command, capture_output=True, text=True)
         if result.returncode:
             print(f"{case} failed:\n{result.stderr[-2000:]}", flush=True)
             continue
         rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
         print(json.dumps(rows[-1]), flush=True)
-    print("\n| case | step (s) | peak RSS (GB) | first step incl. compile (s) | matmul GFLOP/s then | PyTorch step (s) / peak (GB) | speed-up |")
+    print(f"\nSmolLM2-135M-Instruct, {_PRECISION.value}, CPU")
+    print("| case | step (s) | peak RSS (GB) | first step incl. compile (s) | matmul GFLOP/s then | PyTorch step (s) / peak (GB) | speed-up |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         ref_s, ref_gb = REFERENCE.get(r["case"], (float("nan"), float("nan")))

@@ -11,7 +11,7 @@ from flax import linen as nn
 import d2l_jax
 from d2l_jax.hypernet import hypernet as hn
 from d2l_jax.hypernet.encoder import context_features
-from d2l_jax.hypernet.head import LoRAHead
+from d2l_jax.hypernet.head import LoRAHead, pad_to_base_layers
 from d2l_jax.models.base_model import BaseModel
 from d2l_jax.models.decoder import Decoder
 from d2l_jax.models.families import DecoderConfig
@@ -108,8 +108,10 @@ def test_fresh_hypernet_leaves_base_unchanged(tiny_base, changes):
     np.testing.assert_array_equal(np.asarray(d2l.logits([ids])), np.asarray(tiny_base.logits([ids])))
 
 
-def test_combined_update_is_sum_of_chunk_updates_plus_bias(tiny_d2l):
-    d2l, config = tiny_d2l, tiny_d2l.config
+@pytest.mark.parametrize("adapted_layers", [0, 2], ids=["every-layer", "last-2-layers"])
+def test_combined_update_is_sum_of_chunk_updates_plus_bias(tiny_d2l, tiny_base, adapted_layers):
+    d2l = tiny_d2l if not adapted_layers else randomized(d2l_jax.D2L.create(tiny_base, TINY_HYPER.replace(adapted_layers=2), seed=1))
+    config = d2l.config
     chunks, _ = d2l.document_chunks(DOCS[1])
     assert len(chunks) == 3
     adapter = d2l.internalize(DOCS[1], scaler=0.7, bias_scaler=1.3)
@@ -120,7 +122,7 @@ def test_combined_update_is_sum_of_chunk_updates_plus_bias(tiny_d2l):
             ids, mask = np.array([[chunk]]), np.ones((1, 1, len(chunk)), np.int32)
             a, b = hn.encode_chunks(config, d2l.base.config, d2l.base.params, d2l.params, ids, mask)
             expected = expected + dense_delta(0.7 * a[module][0], b[module][0], config.alpha)
-        bias_a, bias_b = d2l.params["head"][f"bias_A_{module}"], d2l.params["head"][f"bias_B_{module}"]
+        bias_a, bias_b = (pad_to_base_layers(d2l.params["head"][f"bias_{x}_{module}"], TINY_BASE.num_layers, 0) for x in "AB")
         expected = expected + dense_delta(1.3 * bias_a, 1.3 * bias_b, config.alpha)
         got = dense_delta(adapter.A[module][0], adapter.B[module][0], config.alpha)
         assert float(jnp.abs(expected).max()) > 1e-3

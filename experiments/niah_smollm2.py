@@ -40,7 +40,7 @@ def get_config() -> ml_collections.ConfigDict:
         l1_coef=0.0,
         learning_rate=1e-3,
         warmup_steps=10,
-        steps=4000,
+        steps=1200,
         batch_size=8,
         grad_accum_steps=1,
         # The encoder runs 8 chunk rows at a time and skips the rows that are padding only (the short
@@ -57,7 +57,7 @@ def get_config() -> ml_collections.ConfigDict:
         # A curriculum: short contexts alone first, where the hypernetwork learns to read the number
         # (probes.md, third round); mixed with the long ones they did not get it off the plateau in 690 steps.
         niah_warmup_bins=((8, 64),),
-        niah_warmup_steps=400,
+        niah_warmup_steps=300,
         niah_eval_bin=(32, 256),
         chunk_probs=(),
         min_chunk_len=25,
@@ -66,9 +66,9 @@ def get_config() -> ml_collections.ConfigDict:
         max_labels=8,
         max_teacher_len=0,
     )
-    config.eval_every = 500
+    config.eval_every = 200
     config.eval_contexts = 48
-    config.checkpoint_every = 500
+    config.checkpoint_every = 200
     config.log_every = 10
     config.time_limit_minutes = 60.0
     return config

@@ -220,8 +220,13 @@ def train(run: RunConfig, workdir: str | Path, base: BaseModel | None = None, st
             floor = niah.exact_match(niah.base_replies(base, eval_records, with_context=False), eval_records)
             writer.write(0, {"eval/base_without_document_exact_match": floor})
 
+    saved_at = checkpoints.latest_step()
+
     def save(force: bool = False) -> None:
-        checkpoints.save(step, state, run.to_json(), identity, data_iterator=batches, force=force)
+        nonlocal saved_at
+        if saved_at != step:  # the last step may also be a periodic checkpoint's
+            checkpoints.save(step, state, run.to_json(), identity, data_iterator=batches, force=force)
+            saved_at = step
 
     limit = run.time_limit_minutes * 60 or float("inf")
     last_step = run.train.steps if stop_after is None else min(run.train.steps, step + stop_after)

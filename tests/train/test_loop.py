@@ -74,6 +74,12 @@ def test_resume_continues_exactly(base, straight, tmp_path):
     assert sorted(losses(straight)) == [1, 2, 3, 4, 5, 6]
 
 
+def test_a_last_step_that_is_also_a_checkpoint_step_is_saved_once(base, straight, tmp_path):
+    result = train(dataclasses.replace(RUN, checkpoint_every=3), tmp_path, base=base)
+    assert result["step"] == 6 and losses(tmp_path) == losses(straight)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == ["3", "6"]
+
+
 def test_loaded_hypernet_internalizes(base, straight):
     d2l = D2L.load(straight, base=base)
     assert d2l.config == RUN.hypernet

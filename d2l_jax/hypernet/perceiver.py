@@ -77,7 +77,7 @@ class CrossAttentionLayer(nn.Module):
         if absorb:
             # Rows a = (query, kv head, group): plain batched matmuls against the context.
             q_ctx = compute_einsum("nqkgd,hkd->nqkgh", q.reshape(n, q_len, kv_heads, groups, head_dim), w_k, dtype)
-            scores = jnp.einsum("nah,nsh->nas", q_ctx.reshape(n, -1, width), context_n, preferred_element_type=jnp.float32)
+            scores = compute_einsum("nah,nsh->nas", q_ctx.reshape(n, -1, width), context_n, dtype, jnp.float32)
             scores = jnp.where(mask[:, None, :], scores, MASKED_SCORE)
             probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
             out = compute_einsum("nas,nsh->nah", probs, context_n, dtype).reshape(n, q_len, kv_heads, groups, width)

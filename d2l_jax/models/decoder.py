@@ -16,7 +16,6 @@ Layers run under ``nn.scan``; a LoRA (``d2l_jax.models.lora.LoRA``) and a KV cac
 from __future__ import annotations
 
 import functools
-
 import math
 from typing import Any
 
@@ -126,10 +125,10 @@ def _compute_einsum_fwd(spec, x, y, dtype, out_dtype):
 def _compute_einsum_bwd(spec, dtype, out_dtype, residuals, cotangent):
     x, y = residuals
     lhs, rhs, out = _einsum_specs(spec)
-    product = lambda spec, a, b, result: jnp.einsum(
-        spec, a.astype(dtype), b.astype(dtype), preferred_element_type=jnp.float32
-    ).astype(result.dtype)
-    return product(f"{out},{rhs}->{lhs}", cotangent, y, x), product(f"{lhs},{out}->{rhs}", x, cotangent, y)
+    contract = lambda subscripts, a, b, like: jnp.einsum(
+        subscripts, a.astype(dtype), b.astype(dtype), preferred_element_type=jnp.float32
+    ).astype(like.dtype)
+    return contract(f"{out},{rhs}->{lhs}", cotangent, y, x), contract(f"{lhs},{out}->{rhs}", x, cotangent, y)
 
 
 compute_einsum.defvjp(_compute_einsum_fwd, _compute_einsum_bwd)
@@ -447,7 +446,8 @@ def first_layers_hidden_states(
     after them: ``[num_layers + 1, B, T, D]``, the last entry final-normed. The stacked layer parameters
     are indexed in place rather than sliced, so no copy of the weights is made."""
     run = _layer_runner(config, params, segment_ids)
-    x, inputs = jax.lax.scan(lambda x, i: (run(x, i), x), embed_tokens(config, params["embedding"], tokens), jnp.arange(num_layers), unroll=config.scan_unroll)
+    x = embed_tokens(config, params["embedding"], tokens)
+    x, inputs = jax.lax.scan(lambda x, i: (run(x, i), x), x, jnp.arange(num_layers), unroll=config.scan_unroll)
     last = RMSNorm(config.rms_norm_eps, config.norm_weight_offset).apply({"params": params["final_norm"]}, x)
     return jnp.concatenate([inputs, last[None]], axis=0)
 
@@ -471,6 +471,7 @@ def late_lora_logits(
     x, _ = jax.lax.scan(lambda x, i: (run(x, i), None), x, jnp.arange(first_layer), unroll=config.scan_unroll)
     x = jax.lax.stop_gradient(x)
     late = jax.tree.map(lambda a: jnp.moveaxis(a[:, first_layer:], 1, 0), lora)
-    x, _ = jax.lax.scan(lambda x, inp: (run(x, *inp), None), x, (jnp.arange(first_layer, config.num_layers), late), unroll=config.scan_unroll)
+    adapted = (jnp.arange(first_layer, config.num_layers), late)
+    x, _ = jax.lax.scan(lambda x, inp: (run(x, *inp), None), x, adapted, unroll=config.scan_unroll)
     final_norm = lambda h: RMSNorm(config.rms_norm_eps, config.norm_weight_offset).apply({"params": params["final_norm"]}, h)
     return project_logits(config, final_norm, params["embedding"], params.get("lm_head"), x, logit_positions)

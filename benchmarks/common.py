@@ -26,10 +26,11 @@ def hypernet_config(name: str, precision: str = "float32"):
 def load_smollm2(precision: str = "float32"):
     """The embedded SmolLM2 in ``precision``: float32 as loaded, or bfloat16 weights and matmuls (float32
     sums) with the layer loops unrolled, which is how XLA's CPU backend multiplies bfloat16 fastest."""
-    from d2l_jax.train.experiment import BaseExecution, load_experiment_base
+    from d2l_jax.train.experiment import BaseExecution, base_architecture, load_experiment_base
 
-    unroll = 1 if precision == "float32" else 30
-    return load_experiment_base("smollm2-135m-instruct", BaseExecution(param_dtype=precision, scan_unroll=unroll))
+    name = "smollm2-135m-instruct"
+    unroll = 1 if precision == "float32" else base_architecture(name).num_layers
+    return load_experiment_base(name, BaseExecution(param_dtype=precision, scan_unroll=unroll))
 
 
 def peak_rss_gb() -> float:

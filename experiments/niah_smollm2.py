@@ -18,7 +18,7 @@ def get_config() -> ml_collections.ConfigDict:
     # bfloat16 weights and matmuls (float32 sums) for the frozen base model and bfloat16 matmuls in the
     # hypernetwork, whose parameters and optimizer stay float32: with the layer loops unrolled, a step
     # takes 0.77 s here instead of 1.7 s in float32 (XLA's CPU backend multiplies bfloat16 with AMX).
-    config.base = dict(param_dtype="bfloat16", scan_unroll=30)
+    config.base = dict(param_dtype="bfloat16", scan_unroll=30)  # every one of SmolLM2's 30 layers
     # Chunks of at most 64 tokens: the chunk holding the needle is then mostly needle, so the
     # hypernetwork sees a strong signal; the other chunks are near-identical noise.
     # Adapters on the last 4 layers, one head per rank, B from the document and A shared by documents,

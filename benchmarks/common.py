@@ -12,7 +12,8 @@ PRECISIONS = ("float32", "bfloat16")
 
 
 def hypernet_config(name: str, precision: str = "float32"):
-    """A named hypernetwork configuration whose matmuls run in ``precision`` (parameters stay float32)."""
+    """A named hypernetwork configuration whose matmuls run in ``precision`` (parameters stay float32); in
+    bfloat16 the Perceiver's blocks are unrolled, as ``load_smollm2`` unrolls the base model's layers."""
     import d2l_jax
 
     config = {
@@ -20,7 +21,8 @@ def hypernet_config(name: str, precision: str = "float32"):
         "niah": d2l_jax.HypernetConfig.niah(early_exit_layer=7),
         "niah_cpu": d2l_jax.HypernetConfig.niah_cpu(early_exit_layer=7, max_chunk_len=1024, max_chunks=64),
     }[name]
-    return config.replace(dtype=precision)
+    unroll = 1 if precision == "float32" else config.num_blocks
+    return config.replace(dtype=precision, scan_unroll=unroll)
 
 
 def load_smollm2(precision: str = "float32"):

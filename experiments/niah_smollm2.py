@@ -46,6 +46,9 @@ def get_config() -> ml_collections.ConfigDict:
         # The encoder runs 8 chunk rows at a time and skips the rows that are padding only (the short
         # contexts use 1-2 of the 5 chunk rows each context reserves).
         chunk_group_size=8,
+        # The Perceiver learns at a tenth of the head's rate: at the full rate its attention settles on the
+        # needle's first and last digits and its latents lose the middle two (probes.md, fourth round).
+        perceiver_lr_scale=0.1,
         seed=1,
         mesh=(),  # e.g. (("data", 2),) on two devices; data takes the devices left over by default
     )

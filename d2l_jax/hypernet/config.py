@@ -46,6 +46,8 @@ class HypernetConfig:
       the encoder runs at most ``chunk_group_size`` chunks at a time so memory does not grow with the document.
     iterative: run the Perceiver and head one base layer at a time (same outputs, lower peak memory).
     dtype: compute dtype of the hypernetwork's matmuls (parameters stay float32).
+    scan_unroll: how many Perceiver blocks each iteration of their loop runs (``num_blocks``: no loop); XLA's
+      CPU backend runs a loop's body on one thread, so CPUs want it unrolled, TPUs and GPUs want 1.
     """
 
     encoder_type: str = "per_layer_activations"
@@ -74,6 +76,7 @@ class HypernetConfig:
     chunk_group_size: int = 4
     iterative: bool = False
     dtype: str = "float32"
+    scan_unroll: int = 1
 
     def __post_init__(self):
         if self.encoder_type not in ENCODER_TYPES:
@@ -84,7 +87,7 @@ class HypernetConfig:
         if not self.target_modules:
             raise ValueError("target_modules is empty")
         object.__setattr__(self, "target_modules", tuple(sorted(self.target_modules)))
-        for name in ("latent_size", "n_latent_queries", "num_blocks", "lora_rank", "max_chunk_len", "max_chunks", "chunk_group_size"):
+        for name in ("latent_size", "n_latent_queries", "num_blocks", "lora_rank", "max_chunk_len", "max_chunks", "chunk_group_size", "scan_unroll"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.b_init not in B_INITS:

@@ -139,17 +139,35 @@ def document_adapters(
     num_chunks: Int[Array, "G"],
     scalers: Float[Array, "G"] | None = None,
     bias_scaler=1.0,
-    center_on_batch: bool = False,
 ) -> LoRA:
     """The whole path from grouped chunk ids to one combined adapter per document.
 
     ``chunk_document`` and ``chunk_slot`` describe the flattened chunks (see ``combine_chunk_adapters``).
-    ``center_on_batch`` (training with ``center_head_input``): centre on these documents' real chunks and
-    return ``(adapter, mean)``, the mean ``[L, M, r, H]`` of the head's inputs they were centred on.
+    With ``center_head_input`` the head's inputs are centred on the stored running mean.
     """
-    center_on = (chunk_document < num_chunks.shape[0]).reshape(tokens.shape[:2]) if center_on_batch else None
-    chunks = _group_adapters(config, base, base_params, params, tokens, mask, center_on)
-    (chunk_a, chunk_b), mean = chunks if center_on_batch else (chunks, None)
+    chunk_a, chunk_b = _group_adapters(config, base, base_params, params, tokens, mask)
+    return _combine(config, base, params, chunk_a, chunk_b, chunk_document, chunk_slot, num_chunks, scalers, bias_scaler)
+
+
+def batch_centered_document_adapters(
+    config: HypernetConfig,
+    base: DecoderConfig,
+    base_params: dict,
+    params: dict,
+    tokens: Int[Array, "G C T"],
+    mask: Int[Array, "G C T"],
+    chunk_document: Int[Array, "C"],
+    chunk_slot: Int[Array, "C"],
+    num_chunks: Int[Array, "G"],
+) -> tuple[LoRA, Float[Array, "L M r H"]]:
+    """``document_adapters`` as training with ``center_head_input`` runs it: the head's inputs are centred on
+    their mean over these documents' real chunks, which is returned with the adapters (for the running mean)."""
+    center_on = (chunk_document < num_chunks.shape[0]).reshape(tokens.shape[:2])
+    (chunk_a, chunk_b), mean = _group_adapters(config, base, base_params, params, tokens, mask, center_on)
+    return _combine(config, base, params, chunk_a, chunk_b, chunk_document, chunk_slot, num_chunks), mean
+
+
+def _combine(config, base, params, chunk_a, chunk_b, chunk_document, chunk_slot, num_chunks, scalers=None, bias_scaler=1.0):
     # Combined on the adapted layers only, then padded: the training step's student slices the padding
     # off again, and XLA drops a slice of a pad, so no work or memory goes to the layers without adapters.
     bias = bias_lora(params["head"], config.target_modules) if config.use_bias else None
@@ -165,5 +183,4 @@ def document_adapters(
         scalers=scalers,
         bias_scaler=bias_scaler,
     )
-    adapter = adapter.replace(A=_pad_layers(adapter.A, base), B=_pad_layers(adapter.B, base))
-    return (adapter, mean) if center_on_batch else adapter
+    return adapter.replace(A=_pad_layers(adapter.A, base), B=_pad_layers(adapter.B, base))

@@ -125,6 +125,7 @@ class Resampler(nn.Module):
             split_rngs={"params": True},
             in_axes=(nn.broadcast, nn.broadcast),
             length=self.num_layers,
+            unroll=min(c.scan_unroll, self.num_layers),
             metadata_params={nn.PARTITION_NAME: "blocks"},
         )(c, name="layers")
         latents, _ = layers(latents, rms_normalize(context, c.rms_norm_eps), mask)

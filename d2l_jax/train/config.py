@@ -21,7 +21,8 @@ class TrainConfig:
       the combined adapters.
     Optimiser: AdamW (``learning_rate``, ``b1``, ``b2``, ``eps``, ``weight_decay`` except on norms,
       scalers, biases and latent queries), linear warmup over ``warmup_steps`` then cosine to
-      ``min_learning_rate`` at ``steps``, global-norm clipping at ``max_grad_norm``.
+      ``min_learning_rate`` at ``steps``, global-norm clipping at ``max_grad_norm``; the Perceiver's
+      updates are multiplied by ``perceiver_lr_scale`` (0 freezes it at its initialisation).
     Batch: ``batch_size`` (query, context) rows per micro-batch, ``grad_accum_steps`` micro-batches per
       update (gradients averaged, one optimizer step).
     Encoder: ``chunk_group_size`` chunks of a micro-batch go through the context encoder and Perceiver at
@@ -43,6 +44,7 @@ class TrainConfig:
     eps: float = 1e-8
     weight_decay: float = 0.01
     max_grad_norm: float = 1.0
+    perceiver_lr_scale: float = 1.0
     batch_size: int = 1
     grad_accum_steps: int = 1
     chunk_group_size: int = 0
@@ -59,6 +61,8 @@ class TrainConfig:
         for name in ("top_k", "steps", "batch_size", "grad_accum_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.perceiver_lr_scale < 0:
+            raise ValueError(f"perceiver_lr_scale must be >= 0 (0 freezes the Perceiver), got {self.perceiver_lr_scale}")
         if self.chunk_group_size < 0:
             raise ValueError(f"chunk_group_size must be >= 0 (0: all chunks at once), got {self.chunk_group_size}")
         if not 0 <= self.warmup_steps < self.steps:

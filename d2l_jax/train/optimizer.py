@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import optax
 from flax import traverse_util
 
@@ -29,7 +30,13 @@ def weight_decay_mask(params) -> dict:
     return traverse_util.unflatten_dict(decayed)
 
 
+def perceiver_mask(params) -> dict:
+    """True for the Perceiver's parameters (``params["perceiver"]``), False for the head's."""
+    return {name: jax.tree.map(lambda _: name == "perceiver", tree) for name, tree in params.items()}
+
+
 def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
+    """Clipping, AdamW, then the Perceiver's updates scaled by ``perceiver_lr_scale``."""
     return optax.chain(
         optax.clip_by_global_norm(config.max_grad_norm),
         optax.adamw(
@@ -40,4 +47,5 @@ def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
             weight_decay=config.weight_decay,
             mask=weight_decay_mask,
         ),
+        optax.masked(optax.scale(config.perceiver_lr_scale), perceiver_mask),
     )

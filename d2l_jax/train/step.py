@@ -27,7 +27,7 @@ from flax import struct
 
 from d2l_jax import sharding
 from d2l_jax.hypernet.config import HypernetConfig
-from d2l_jax.hypernet.hypernet import document_adapters, init_hypernet
+from d2l_jax.hypernet.hypernet import batch_centered_document_adapters, document_adapters, init_hypernet
 from d2l_jax.models.decoder import Decoder, late_lora_logits
 from d2l_jax.models.families import DecoderConfig
 from d2l_jax.train import losses
@@ -71,19 +71,18 @@ def micro_batch_loss(params, base_params, batch, *, hyper: HypernetConfig, base:
     group = train.chunk_group_size or chunks
     if chunks % group:
         raise ValueError(f"train.chunk_group_size={group} does not divide the {chunks} chunk rows of a micro-batch")
-    adapters = document_adapters(
-        hyper,
-        base,
-        base_params,
-        params,
+    chunks = (
         batch["ctx_tokens"].reshape(-1, group, length),
         batch["ctx_mask"].reshape(-1, group, length),
         batch["chunk_document"],
         batch["chunk_slot"],
         batch["num_chunks"],
-        center_on_batch=hyper.center_head_input,
     )
-    lora, aux = (adapters[0], {"head_input_mean": adapters[1]}) if hyper.center_head_input else (adapters, {})
+    if hyper.center_head_input:
+        lora, mean = batch_centered_document_adapters(hyper, base, base_params, params, *chunks)
+        aux = {"head_input_mean": mean}
+    else:
+        lora, aux = document_adapters(hyper, base, base_params, params, *chunks), {}
     first_adapted = base.num_layers - hyper.num_adapted(base)
     logits = label_logits(base, base_params, batch["tokens"], batch["mask"], batch["label_positions"], lora, first_adapted)
     mask = batch["label_mask"]

@@ -365,11 +365,12 @@ def _np_resampler(context, mask, p, c, num_layers):
     return _np_rms(latents, p["norm"]["scale"])
 
 
+@pytest.mark.parametrize("unroll", [1, 2], ids=["block-loop", "blocks-unrolled"])
 @pytest.mark.parametrize("n_latents", [3, 40], ids=["absorbed", "explicit"])
-def test_perceiver_matches_reference_formulas(n_latents):
+def test_perceiver_matches_reference_formulas(n_latents, unroll):
     from d2l_jax.hypernet.perceiver import Perceiver
 
-    config = TINY_HYPER.replace(n_latent_queries=n_latents)
+    config = TINY_HYPER.replace(n_latent_queries=n_latents, scan_unroll=unroll)
     features = np.asarray(jax.random.normal(jax.random.key(3), (2, 9, 48)))
     mask = np.arange(9)[None] < np.array([[9], [5]])
     perceiver = Perceiver(config, num_outputs=6)

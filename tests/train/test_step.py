@@ -143,6 +143,24 @@ def test_weight_decay_mask_and_schedule():
     np.testing.assert_allclose([schedule(0), schedule(50), schedule(100), schedule(1000)], [0, 2e-5, 4e-5, 1e-7], rtol=1e-5)
 
 
+def test_perceiver_lr_scale_scales_only_the_perceivers_updates(base_params):
+    batch = random_batch()
+
+    def one_step(scale):
+        trainer = Trainer(HYPER, BASE, TrainConfig(batch_size=2, perceiver_lr_scale=scale, **SGD_LIKE))
+        state = trainer.init_state()
+        before = jax.device_get(state.params)
+        state, _ = trainer.step(state, trainer.put_base_params(base_params), trainer.put_batch(batch))
+        return jax.tree.map(lambda new, old: np.asarray(new) - np.asarray(old), jax.device_get(state.params), before)
+
+    full, half, frozen = one_step(1.0), one_step(0.5), one_step(0.0)
+    close = functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=2.5e-7)  # an ulp of float32 parameters up to 2
+    assert any(np.abs(x).max() > 0 for x in jax.tree.leaves(full["perceiver"]))
+    jax.tree.map(lambda h, f: close(h, 0.5 * f), half["perceiver"], full["perceiver"])
+    assert all(np.abs(x).max() == 0 for x in jax.tree.leaves(frozen["perceiver"]))
+    jax.tree.map(close, frozen["head"], full["head"])
+
+
 def test_bad_configs_are_rejected():
     with pytest.raises(ValueError, match="full_kl"):
         TrainConfig(loss="full_kl", teacher="offline")
@@ -150,3 +168,5 @@ def test_bad_configs_are_rejected():
         TrainConfig(loss="mse")
     with pytest.raises(ValueError, match="warmup_steps"):
         TrainConfig(warmup_steps=10, steps=10)
+    with pytest.raises(ValueError, match="perceiver_lr_scale"):
+        TrainConfig(perceiver_lr_scale=-0.1)

@@ -168,7 +168,7 @@ class D2L:
         for g, ((_, tokens), n) in enumerate(zip(split, num_chunks.tolist())):
             rank = (n + self.config.use_bias) * self.config.lora_rank
             # Ranks past `rank` are zero; keep a bucketed prefix so inference does not pay for them.
-            kept = min(bucket_length(rank, minimum=self.config.lora_rank), self.config.adapter_rank)
+            kept = min(bucket_length(rank, minimum=self.config.lora_rank), next(iter(lora.A.values())).shape[2])
             adapters.append(Adapter(jax.tree.map(lambda x: x[g : g + 1, :, :kept], lora), rank, tokens, n))
         self.adapter = adapters[-1]
         return adapters[0] if isinstance(document, str) else adapters

@@ -143,7 +143,9 @@ def document_adapters(
     """The whole path from grouped chunk ids to one combined adapter per document.
 
     ``chunk_document`` and ``chunk_slot`` describe the flattened chunks (see ``combine_chunk_adapters``).
-    With ``center_head_input`` the head's inputs are centred on the stored running mean.
+    The adapters have rank ``(min(max_chunks, C) + 1) * r``: no document can have more chunks than there
+    are chunk rows, so a few chunks do not pay for the full static rank. With ``center_head_input`` the
+    head's inputs are centred on the stored running mean.
     """
     chunk_a, chunk_b = _group_adapters(config, base, base_params, params, tokens, mask)
     return _combine(config, base, params, chunk_a, chunk_b, chunk_document, chunk_slot, num_chunks, scalers, bias_scaler)
@@ -178,7 +180,7 @@ def _combine(config, base, params, chunk_a, chunk_b, chunk_document, chunk_slot,
         chunk_slot,
         num_chunks,
         bias,
-        max_chunks=config.max_chunks,
+        max_chunks=min(config.max_chunks, chunk_document.shape[0]),  # no document has more chunks than there are rows
         alpha=config.alpha,
         scalers=scalers,
         bias_scaler=bias_scaler,

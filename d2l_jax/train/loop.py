@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import flax.linen as nn
 import jax
 from tqdm.auto import tqdm
 
@@ -20,6 +21,7 @@ from d2l_jax.data.niah import NIAHSource
 from d2l_jax.data.pipeline import RecordSource, training_batches
 from d2l_jax.eval import niah
 from d2l_jax.hypernet.config import HypernetConfig
+from d2l_jax.hypernet.hypernet import init_hypernet
 from d2l_jax.models.base_model import BaseModel, load_base_model
 from d2l_jax.train.checkpoint import Checkpointer, base_identity
 from d2l_jax.train.config import TrainConfig
@@ -58,7 +60,12 @@ class DataConfig:
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
     """Everything a meta-training run needs (``eval_every``/``checkpoint_every``/``log_every`` in steps,
-    0 disables; ``time_limit_minutes`` stops training, evaluation excluded, after that long; 0 = none)."""
+    0 disables; ``time_limit_minutes`` stops training, evaluation excluded, after that long; 0 = none).
+
+    ``init_from``: a training workdir (or its ``checkpoints`` folder) whose latest hypernetwork parameters
+    start this run, with a fresh optimizer and schedule (fine-tuning on other data, e.g. longer contexts);
+    ignored once this run has checkpoints of its own, which resume it.
+    """
 
     model: str
     hypernet: HypernetConfig
@@ -70,6 +77,7 @@ class RunConfig:
     keep_checkpoints: int = 2
     log_every: int = 10
     time_limit_minutes: float = 0.0
+    init_from: str = ""
 
     def to_json(self) -> dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self)))
@@ -186,6 +194,30 @@ def training_batch_stream(run: RunConfig, base: BaseModel):
     )
 
 
+def initial_params(init_from: str | Path, trainer: Trainer, identity: dict[str, Any]):
+    """The latest hypernetwork parameters of the run in ``init_from``, placed on ``trainer``'s mesh.
+
+    Raises FileNotFoundError without checkpoints, CheckpointMismatchError for another base model and
+    ValueError when that run's hypernetwork has other parameter shapes than ``trainer``'s.
+    """
+    directory = Path(init_from)
+    if (directory / "checkpoints").is_dir():
+        directory = directory / "checkpoints"
+    checkpoints = Checkpointer(directory, async_save=False)
+    try:
+        step = checkpoints.latest_step()
+        if step is None:
+            raise FileNotFoundError(f"init_from={str(init_from)!r} holds no checkpoint")
+        saved = RunConfig.from_json(checkpoints.read_json("config", step)).hypernet
+        shapes = lambda hyper: jax.tree.map(lambda x: x.shape, jax.eval_shape(lambda: nn.unbox(init_hypernet(hyper, trainer.base, jax.random.key(0)))))
+        if shapes(saved) != shapes(trainer.hyper):
+            raise ValueError(f"init_from={str(init_from)!r}: its hypernetwork's parameter shapes differ from this run's hypernet config")
+        abstract = trainer.abstract_state().params
+        return checkpoints.restore_params(abstract, identity, step)
+    finally:
+        checkpoints.close()
+
+
 def train(run: RunConfig, workdir: str | Path, base: BaseModel | None = None, stop_after: int | None = None) -> dict[str, Any]:
     """Runs (or resumes) meta-training in ``workdir``; returns the final metrics.
 
@@ -207,6 +239,10 @@ def train(run: RunConfig, workdir: str | Path, base: BaseModel | None = None, st
     if checkpoints.latest_step() is not None:
         state, step = checkpoints.restore(trainer.abstract_state(), identity, batches)
         log.info("resumed from step %d", step)
+    elif run.init_from:
+        # A fresh optimizer state is zeros whatever the parameters' values, so only the parameters change.
+        state, step = trainer.init_state().replace(params=initial_params(run.init_from, trainer, identity)), 0
+        log.info("initialised the hypernetwork from %s", run.init_from)
     else:
         state, step = trainer.init_state(), 0
     (workdir / "config.json").write_text(json.dumps(run.to_json(), indent=2))

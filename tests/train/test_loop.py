@@ -144,3 +144,26 @@ def test_sigterm_saves_and_stops(base, tmp_path):
     assert 3 <= result["step"] < 200
     assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [result["step"]]
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the loop's handler is removed again
+
+
+def test_init_from_starts_from_another_runs_parameters_with_a_fresh_optimizer(base, straight, tmp_path):
+    run = dataclasses.replace(RUN, init_from=str(straight), train=RUN.train.replace(learning_rate=1e-4))
+    assert train(run, tmp_path / "start", base=base, stop_after=0)["step"] == 0
+    started = D2L.load(tmp_path / "start", base=base)
+    jax.tree.map(np.testing.assert_array_equal, started.params, D2L.load(straight, base=base).params)
+
+    result = train(run, tmp_path / "tuned", base=base, stop_after=2)
+    assert result["step"] == 2  # its own step count and schedule, from 0
+    tuned = D2L.load(tmp_path / "tuned", base=base)
+    moved = jax.tree.map(lambda a, b: bool(np.any(np.asarray(a) != np.asarray(b))), tuned.params, started.params)
+    assert any(jax.tree.leaves(moved))
+
+
+def test_init_from_refuses_a_run_without_checkpoints_or_of_another_shape(base, straight, tmp_path):
+    with pytest.raises(FileNotFoundError, match="holds no checkpoint"):
+        train(dataclasses.replace(RUN, init_from=str(tmp_path / "empty")), tmp_path / "a", base=base)
+    wider = dataclasses.replace(RUN, init_from=str(straight), hypernet=dataclasses.replace(RUN.hypernet, lora_rank=4))
+    before = files(straight)
+    with pytest.raises(ValueError, match="parameter shapes differ"):
+        train(wider, tmp_path / "b", base=base)
+    assert files(straight) == before

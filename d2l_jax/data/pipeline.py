@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import functools
 import json
+import reprlib
 from pathlib import Path
 from typing import Any
 
 import grain
+import numpy as np
 
 from d2l_jax.data.examples import BatchShapes, TrainExampleBuilder, collate, fits
 
@@ -47,6 +49,8 @@ def training_batches(
         parts = [grain.MapDataset.source(s)[shard_index::shard_count].seed(seed + i).shuffle() for i, s in enumerate(sources)]
         return parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts)
 
+    for source in [*(sources if isinstance(sources, (list, tuple)) else [sources]), *(warmup_sources or [])]:
+        require_fitting_records(source, builder, shapes)
     if warmup_records:
         warmup = shuffled_mix(warmup_sources, seed + 1_000).repeat()[:warmup_records]
         dataset = grain.MapDataset.concatenate([warmup, shuffled_mix(sources, seed).repeat(_MAIN_EPOCHS)])
@@ -58,6 +62,26 @@ def training_batches(
         .filter(functools.partial(fits, shapes=shapes))
         .batch(batch_size * micro_batches, drop_remainder=True, batch_fn=functools.partial(collate, shapes=shapes, micro_batches=micro_batches))
     )
+
+
+def _source_name(source) -> str:
+    short = reprlib.Repr()
+    short.maxother = 300  # a source's own repr whole, a list of records cut short
+    return short.repr(source)
+
+
+def require_fitting_records(source, builder, shapes: BatchShapes, probe: int = 16) -> None:
+    """Raises ValueError when none of ``source``'s first ``probe`` records fits ``shapes``: the stream skips
+    the records that do not fit, so with none fitting it would wait forever instead of failing."""
+    rng = np.random.default_rng(0)
+    examples = [builder(source[i], rng) for i in range(min(probe, len(source)))]
+    if examples and not any(fits(e, shapes) for e in examples):
+        e = examples[0]
+        raise ValueError(
+            f"none of the first {len(examples)} records of {_source_name(source)} fits the batch shapes {shapes}; the first has "
+            f"{len(e['chunks'])} chunks of up to {max(map(len, e['chunks']))} tokens, {len(e['tokens'])} student tokens, "
+            f"{e['label_end'] - e['label_start']} labels and {len(e.get('teacher_tokens', ()))} teacher tokens"
+        )
 
 
 class RecordSource:

@@ -1,5 +1,6 @@
 """Training examples and batches: label spans, teacher alignment, chunk sampling, static shapes, Grain state."""
 
+import dataclasses
 import itertools
 
 import numpy as np
@@ -83,6 +84,14 @@ def test_pipeline_state_round_trip_and_record_files(smollm2, builder, tmp_path):
     path.write_text('{"context": "c", "prompt": "p", "response": "r"}\n{"context": "c"}\n')
     with pytest.raises(ValueError, match="record 1 lacks"):
         RecordSource(path)
+
+
+def test_a_source_none_of_whose_records_fit_fails_instead_of_waiting_forever(smollm2, builder):
+    source = NIAHSource(smollm2.tokenizer, "train", 200, 256, 100)  # 4+ chunks of 64 tokens each
+    shapes = BatchShapes(max_chunk_len=64, chunks_per_context=1, max_student_len=48, max_labels=8, max_teacher_len=96)
+    with pytest.raises(ValueError, match=r"none of the first 16 records of NIAHSource\(split='train', lo=200.* fits the batch shapes"):
+        training_batches([source], builder, shapes, batch_size=2)
+    training_batches([source], builder, dataclasses.replace(shapes, chunks_per_context=6, max_teacher_len=300), batch_size=2)
 
 
 def test_curriculum_draws_its_first_records_from_the_warmup_sources(smollm2, builder):

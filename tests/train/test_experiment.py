@@ -81,16 +81,18 @@ def test_unknown_model_names_are_listed():
     assert set(PUBLISHED_CONFIGS) >= {"mistral-7b-instruct-v0.2", "smollm2-135m-instruct"}
 
 
-def test_long_context_recipe_fits_its_documents_and_starts_from_the_niah_run():
+@pytest.mark.parametrize("name", ["niah_smollm2_long", "niah_smollm2_long1024"])
+def test_long_context_recipes_fit_their_documents_and_start_from_the_niah_run(name):
     import jax
 
     from d2l_jax.hypernet.hypernet import init_hypernet
 
     short, _ = parse_experiment(experiment("niah_smollm2"))
-    long, _ = parse_experiment(experiment("niah_smollm2_long"))
+    long, _ = parse_experiment(experiment(name))
     longest = max(hi for _, hi in long.data.niah_bins)
     assert long.data.chunks_per_context * long.hypernet.max_chunk_len >= longest + 32  # room for the chat affixes
     assert long.hypernet.max_chunks >= long.data.chunks_per_context
+    assert long.data.chunks_per_context * long.train.batch_size % long.train.chunk_group_size == 0
     base = base_architecture(long.model)
     shapes = lambda hyper: jax.tree.map(lambda x: x.shape, jax.eval_shape(lambda: init_hypernet(hyper, base, jax.random.key(0))))
     assert shapes(long.hypernet) == shapes(short.hypernet)  # init_from the short-context run can load it

@@ -5,7 +5,9 @@
 After ``niah_smollm2_long.py`` the student reads 4k-token documents (16 chunks of 256 tokens) but not 32k
 ones: 128 chunk adapters add up to replies that fall apart. With 1,024-token chunks a 32k document has 31
 chunks, as many as the ~8k documents it read 8/10 of with 256-token chunks; here it learns such chunks on
-documents of up to 16 of them.
+documents of up to 16 of them. Its run (results/niah_smollm2/run_long_chunks1024/) reached its 35-minute
+limit at step 220 with 12/12 validation documents of 14-16k tokens; on test documents it read 20/20 at every
+length up to 16k tokens and 12/20 at 32k (results/niah_eval_trained/).
 """
 
 import ml_collections

@@ -203,6 +203,8 @@ def initial_params(init_from: str | Path, trainer: Trainer, identity: dict[str, 
     directory = Path(init_from)
     if (directory / "checkpoints").is_dir():
         directory = directory / "checkpoints"
+    if not directory.is_dir():
+        raise FileNotFoundError(f"init_from={str(init_from)!r} is not a directory")
     checkpoints = Checkpointer(directory, async_save=False)
     try:
         step = checkpoints.latest_step()

@@ -160,6 +160,10 @@ def test_init_from_starts_from_another_runs_parameters_with_a_fresh_optimizer(ba
 
 
 def test_init_from_refuses_a_run_without_checkpoints_or_of_another_shape(base, straight, tmp_path):
+    with pytest.raises(FileNotFoundError, match="is not a directory"):
+        train(dataclasses.replace(RUN, init_from=str(tmp_path / "missing")), tmp_path / "a", base=base)
+    assert not (tmp_path / "missing").exists()
+    (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="holds no checkpoint"):
         train(dataclasses.replace(RUN, init_from=str(tmp_path / "empty")), tmp_path / "a", base=base)
     wider = dataclasses.replace(RUN, init_from=str(straight), hypernet=dataclasses.replace(RUN.hypernet, lora_rank=4))

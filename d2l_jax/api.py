@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -93,12 +92,7 @@ class D2L:
         from d2l_jax.train.checkpoint import Checkpointer, base_identity
         from d2l_jax.train.loop import RunConfig
 
-        directory = Path(checkpoint_dir)
-        if (directory / "checkpoints").is_dir():
-            directory = directory / "checkpoints"
-        if not directory.is_dir():
-            raise FileNotFoundError(f"no checkpoint directory at {checkpoint_dir}")
-        checkpoints = Checkpointer(directory, async_save=False)
+        checkpoints = Checkpointer.of_run(checkpoint_dir)
         try:
             run = RunConfig.from_json(checkpoints.read_json("config", step))
             base = base or load_base_model(run.model)

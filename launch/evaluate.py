@@ -25,12 +25,9 @@ def _checkpoint_step(checkpoint: str, step: int | None) -> int | None:
     """The step ``D2L.load`` will restore (the latest when ``step`` is None), so results name it."""
     from d2l_jax.train.checkpoint import Checkpointer
 
-    directory = Path(checkpoint)
-    if (directory / "checkpoints").is_dir():
-        directory = directory / "checkpoints"
-    if step is not None or not directory.is_dir():
+    if step is not None or not Path(checkpoint).is_dir():
         return step
-    checkpoints = Checkpointer(directory, async_save=False)
+    checkpoints = Checkpointer.of_run(checkpoint)
     try:
         return checkpoints.latest_step()
     finally:

@@ -77,6 +77,17 @@ class Checkpointer:
             },
         )
 
+    @classmethod
+    def of_run(cls, run_dir: str | Path) -> "Checkpointer":
+        """The checkpoints of a training workdir (or of its ``checkpoints`` folder), for reading.
+        Raises FileNotFoundError when ``run_dir`` is not a directory (and creates none)."""
+        directory = Path(run_dir)
+        if (directory / "checkpoints").is_dir():
+            directory = directory / "checkpoints"
+        if not directory.is_dir():
+            raise FileNotFoundError(f"{str(run_dir)!r} is not a directory (a training workdir or its checkpoints folder)")
+        return cls(directory, async_save=False)
+
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 

@@ -200,12 +200,7 @@ def initial_params(init_from: str | Path, trainer: Trainer, identity: dict[str, 
     Raises FileNotFoundError without checkpoints, CheckpointMismatchError for another base model and
     ValueError when that run's hypernetwork has other parameter shapes than ``trainer``'s.
     """
-    directory = Path(init_from)
-    if (directory / "checkpoints").is_dir():
-        directory = directory / "checkpoints"
-    if not directory.is_dir():
-        raise FileNotFoundError(f"init_from={str(init_from)!r} is not a directory")
-    checkpoints = Checkpointer(directory, async_save=False)
+    checkpoints = Checkpointer.of_run(init_from)
     try:
         step = checkpoints.latest_step()
         if step is None:

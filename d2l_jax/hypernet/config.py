@@ -108,11 +108,6 @@ class HypernetConfig:
     def alpha(self) -> float:
         return lora_alpha(self.lora_rank)
 
-    @property
-    def adapter_rank(self) -> int:
-        """Rank of a combined document adapter: every chunk's rank plus the bias LoRA's."""
-        return (self.max_chunks + 1) * self.lora_rank
-
     def exit_layer(self, base: DecoderConfig) -> int:
         return self.early_exit_layer if self.early_exit_layer is not None else base.num_layers // 4
 

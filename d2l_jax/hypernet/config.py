@@ -42,7 +42,8 @@ class HypernetConfig:
       and a training step runs them outside the gradient.
     Chunking: templated documents are split into chunks of at most ``max_chunk_len`` tokens (chat affixes
       included; the reference bounds the pieces before re-wrapping them); a document may
-      have at most ``max_chunks`` chunks, which fixes the adapter rank at ``(max_chunks + 1) * lora_rank``;
+      have at most ``max_chunks`` chunks in one pass (adapter rank at most ``(max_chunks + 1) * lora_rank``;
+      ``eval.long_context.internalize_long`` takes longer documents);
       the encoder runs at most ``chunk_group_size`` chunks at a time so memory does not grow with the document.
     iterative: run the Perceiver and head one base layer at a time (same outputs, lower peak memory).
     dtype: compute dtype of the hypernetwork's matmuls (parameters stay float32).

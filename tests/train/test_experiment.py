@@ -81,7 +81,7 @@ def test_unknown_model_names_are_listed():
     assert set(PUBLISHED_CONFIGS) >= {"mistral-7b-instruct-v0.2", "smollm2-135m-instruct"}
 
 
-@pytest.mark.parametrize("name", ["niah_smollm2_long", "niah_smollm2_long1024"])
+@pytest.mark.parametrize("name", ["niah_smollm2_long", "niah_smollm2_long1024", "niah_smollm2_long32k"])
 def test_long_context_recipes_fit_their_documents_and_start_from_the_niah_run(name):
     import jax
 

@@ -43,12 +43,14 @@ class KVCache:
     """Keys and values of every layer for ``S`` slots, shared write position for the whole batch.
 
     k, v: ``[L, B, S, K, head_dim]``; valid: ``[B, S]`` (slot holds a real token); index: next free slot.
+    ``unwritten`` (static) says no slot has been written, so a prefill into it is causal from slot 0.
     """
 
     k: Float[Array, "L B S K Dh"]
     v: Float[Array, "L B S K Dh"]
     valid: Bool[Array, "B S"]
     index: Int[Array, ""]
+    unwritten: bool = struct.field(pytree_node=False, default=False)
 
     @classmethod
     def empty(cls, config: DecoderConfig, batch: int, length: int) -> "KVCache":
@@ -59,6 +61,7 @@ class KVCache:
             v=jnp.zeros(shape, dtype),
             valid=jnp.zeros((batch, length), bool),
             index=jnp.zeros((), jnp.int32),
+            unwritten=True,
         )
 
 
@@ -252,7 +255,11 @@ def attend(q, k, v, mask, softcap: float | None = None, blocks: int = 1):
 
 
 class Attention(nn.Module):
+    """Grouped-query self-attention; with ``kv``, over the cache's slots. ``causal_from_start``: the queries
+    sit at key slots ``0..T-1`` (no cache, or a prefill into an empty one), so blocked causal attention applies."""
+
     config: DecoderConfig
+    causal_from_start: bool = True
 
     @nn.compact
     def __call__(self, x, cos, sin, mask, cache_index, lora: LoRA | None, kv):
@@ -277,7 +284,7 @@ class Attention(nn.Module):
             k = jax.lax.dynamic_update_slice_in_dim(cache_k, k.astype(cache_k.dtype), cache_index, axis=1)
             v = jax.lax.dynamic_update_slice_in_dim(cache_v, v.astype(cache_v.dtype), cache_index, axis=1)
             kv = (k, v)
-        blocks = causal_blocks(q.shape[1]) if kv is None else 1
+        blocks = causal_blocks(q.shape[1]) if self.causal_from_start else 1
         out = attend(q, k, v, mask, c.attn_logit_softcap, blocks)
         out = Linear(c.hidden_size, ("heads", "embed"), dtype, name="o_proj")(out, module_lora("o_proj"), alpha)
         return out, kv
@@ -303,13 +310,14 @@ class Block(nn.Module):
 
     config: DecoderConfig
     collect_inputs: bool = False
+    causal_from_start: bool = True
 
     @nn.compact
     def __call__(self, x, cos, sin, mask, cache_index, lora: LoRA | None, kv):
         c = self.config
         norm = lambda name: RMSNorm(c.rms_norm_eps, c.norm_weight_offset, name=name)
         layer_input = x if self.collect_inputs else None
-        h, kv = Attention(c, name="attn")(norm("input_norm")(x), cos, sin, mask, cache_index, lora, kv)
+        h, kv = Attention(c, self.causal_from_start, name="attn")(norm("input_norm")(x), cos, sin, mask, cache_index, lora, kv)
         if c.use_post_norms:
             h = norm("post_attn_norm")(h)
         x = x + h
@@ -383,7 +391,7 @@ class Decoder(nn.Module):
             length=c.num_layers,
             unroll=c.scan_unroll,
             metadata_params={nn.PARTITION_NAME: "layers"},
-        )(c, collect_inputs=return_hidden_states, name="layers")
+        )(c, collect_inputs=return_hidden_states, causal_from_start=cache is None or cache.unwritten, name="layers")
         x, (layer_inputs, kv) = layers(x, cos, sin, mask, cache_index, lora, kv)
 
         final_norm = RMSNorm(c.rms_norm_eps, c.norm_weight_offset, name="final_norm")

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from d2l_jax.models import generate as gen
-from d2l_jax.models.decoder import KVCache
+from d2l_jax.models.decoder import KVCache, causal_blocks
 from tests.models.test_lora import random_lora
 
 NEVER = np.array([-5], np.int32)
@@ -88,3 +88,18 @@ def test_sampling_is_seeded_and_top_p_limits_it(tiny_llama, prompts):
 @pytest.mark.parametrize("n, bucket", [(1, 16), (16, 16), (17, 24), (25, 32), (33, 48), (49, 64), (1300, 1536)])
 def test_bucket_length(n, bucket):
     assert gen.bucket_length(n) == bucket
+
+
+def test_prefill_into_an_empty_cache_attends_in_causal_blocks_and_equals_full_forward(tiny_llama):
+    model, _ = tiny_llama
+    n = 96
+    assert causal_blocks(n) > 1  # the blocked path, which shorter prompts do not take
+    prompt = np.random.default_rng(1).integers(0, model.config.vocab_size, (1, n))
+    variables = {"params": model.params}
+    empty = KVCache.empty(model.config, 1, n + 8)
+    prefill = model.decoder.apply(variables, prompt, np.arange(n)[None], np.ones_like(prompt), cache=empty)
+    assert empty.unwritten and not prefill.cache.unwritten  # later calls attend over every slot
+    step = model.decoder.apply(variables, np.array([[5]]), np.array([[n]]), np.ones((1, 1), np.int32), cache=prefill.cache)
+    full = np.asarray(model.logits(np.concatenate([prompt, [[5]]], axis=1)))
+    np.testing.assert_allclose(np.asarray(prefill.logits)[0], full[0, :n], atol=1e-5)
+    np.testing.assert_allclose(np.asarray(step.logits)[0, 0], full[0, n], atol=1e-5)

@@ -21,15 +21,17 @@ _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "training workdir (or its 
 _WORKDIR = flags.DEFINE_string("workdir", None, "output directory for results.json and the figures", required=True)
 
 
-def _checkpoint_step(checkpoint: str, step: int | None) -> int | None:
-    """The step ``D2L.load`` will restore (the latest when ``step`` is None), so results name it."""
+def _run_record(checkpoint: str, step: int | None) -> tuple[int | None, str | None]:
+    """(the step ``D2L.load`` will restore, the latest when ``step`` is None; the run's base model name),
+    so results name the step and the base model can be loaded the way the evaluation asks."""
     from d2l_jax.train.checkpoint import Checkpointer
 
-    if step is not None or not Path(checkpoint).is_dir():
-        return step
+    if not Path(checkpoint).is_dir():
+        return step, None  # D2L.load raises the error that names the path
     checkpoints = Checkpointer.of_run(checkpoint)
     try:
-        return checkpoints.latest_step()
+        step = checkpoints.latest_step() if step is None else step
+        return step, checkpoints.read_json("config", step)["model"]
     finally:
         checkpoints.close()
 
@@ -38,11 +40,14 @@ def main(argv):
     del argv
     from d2l_jax.api import D2L
     from d2l_jax.eval import sweep
+    from d2l_jax.train.experiment import BaseExecution, load_experiment_base
 
     config = _CONFIG.value
     settings = sweep.SweepSettings.from_dict(config.sweep.to_dict())
-    step = _checkpoint_step(_CHECKPOINT.value, config.step)
-    d2l = D2L.load(_CHECKPOINT.value, step=step)
+    step, model = _run_record(_CHECKPOINT.value, config.step)
+    execution = BaseExecution(param_dtype=config.base.param_dtype, dtype=config.base.dtype or None)
+    base = load_experiment_base(model, execution) if model else None
+    d2l = D2L.load(_CHECKPOINT.value, step=step, base=base)
     if config.max_chunk_len is not None:
         d2l = D2L(d2l.base, d2l.config.replace(max_chunk_len=config.max_chunk_len), d2l.params)
     identity = {
@@ -50,6 +55,7 @@ def main(argv):
         "step": step,
         "base_model": d2l.base.name,
         "max_chunk_len": d2l.config.max_chunk_len,
+        "base_dtypes": {"params": execution.param_dtype, "matmuls": execution.compute_dtype},
     }
     workdir = Path(_WORKDIR.value)
     records = sweep.run_sweep(d2l, settings, workdir, identity=identity)

@@ -28,6 +28,10 @@ class TrainConfig:
     Encoder: ``chunk_group_size`` chunks of a micro-batch go through the context encoder and Perceiver at
       a time (0: all at once); groups holding only padding chunks (batches put them last) are skipped,
       which saves the work on padding when contexts have fewer chunks than the batch reserves.
+    Head centring (``HypernetConfig.center_head_input``): the head centres its inputs on the batch's mean
+      and keeps a running mean for inference; ``freeze_head_input_mean`` centres on the stored mean and
+      leaves it as it is, for fine-tuning on batches whose chunk mix differs from the first run's (batches
+      of long documents alone, whose mean lacks the needle share the stored mean was learned with).
     Mesh: ``mesh`` maps ``data``/``fsdp``/``tensor`` to sizes (``data`` defaults to the remaining devices).
     """
 
@@ -48,6 +52,7 @@ class TrainConfig:
     batch_size: int = 1
     grad_accum_steps: int = 1
     chunk_group_size: int = 0
+    freeze_head_input_mean: bool = False
     seed: int = 42
     mesh: tuple[tuple[str, int], ...] = ()
 

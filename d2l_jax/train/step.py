@@ -65,7 +65,8 @@ def label_logits(base: DecoderConfig, base_params, tokens, mask, label_positions
 def micro_batch_loss(params, base_params, batch, *, hyper: HypernetConfig, base: DecoderConfig, train: TrainConfig):
     """(total loss, metrics) of one micro-batch; gradients flow into ``params`` only.
 
-    With ``center_head_input`` the metrics carry ``head_input_mean``, the mean the head centred on."""
+    With ``center_head_input`` (and the mean not frozen) the metrics carry ``head_input_mean``, the batch
+    mean the head centred on."""
     base_params = jax.lax.stop_gradient(base_params)
     chunks, length = batch["ctx_tokens"].shape
     group = train.chunk_group_size or chunks
@@ -78,7 +79,7 @@ def micro_batch_loss(params, base_params, batch, *, hyper: HypernetConfig, base:
         batch["chunk_slot"],
         batch["num_chunks"],
     )
-    if hyper.center_head_input:
+    if hyper.center_head_input and not train.freeze_head_input_mean:
         lora, mean = batch_centered_document_adapters(hyper, base, base_params, params, *chunks)
         aux = {"head_input_mean": mean}
     else:
@@ -126,7 +127,7 @@ def train_step(state: TrainState, base_params, batch, *, hyper, base, train, opt
     metrics["label_tokens"] = metrics["label_tokens"] * micro_batches
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    if hyper.center_head_input:
+    if "head_input_mean" in metrics:
         params = _update_head_input_mean(params, state, metrics.pop("head_input_mean"))
     metrics["grad_norm"] = optax.tree.norm(grads)
     metrics["learning_rate"] = learning_rate_schedule(train)(state.step)

@@ -132,6 +132,34 @@ def test_head_input_mean_is_a_running_mean_over_real_chunks(base_params):
         np.testing.assert_allclose(state.params["head"]["input_mean"], expected, rtol=1e-5, atol=1e-5)
 
 
+def test_a_frozen_head_input_mean_centres_on_the_stored_mean_and_stays(base_params):
+    hyper = HYPER.replace(center_head_input=True)
+    train = TrainConfig(loss="ce", batch_size=2, freeze_head_input_mean=True, **SGD_LIKE)
+    trainer = Trainer(hyper, BASE, train)
+    state, base = trainer.init_state(), trainer.put_base_params(base_params)
+    flat = traverse_util.flatten_dict(state.params["head"])
+    keys = dict(zip(flat, jax.random.split(jax.random.key(3), len(flat))))
+    head = traverse_util.unflatten_dict({k: x + jax.random.normal(keys[k], x.shape) for k, x in flat.items()})  # B not zero
+    stored = np.asarray(head["input_mean"])
+    state = state.replace(params=dict(state.params, head=head))
+    micro = jax.tree.map(lambda x: x[0], random_batch(seed=2))
+
+    def loss(params, train):
+        fn = functools.partial(micro_batch_loss, hyper=hyper, base=BASE, train=train)
+        return jax.jit(fn)(params, base_params, micro)
+
+    batch_loss, metrics = loss(state.params, train.replace(freeze_head_input_mean=False))
+    on_batch_mean = dict(state.params, head=dict(state.params["head"], input_mean=metrics["head_input_mean"]))
+    np.testing.assert_allclose(loss(on_batch_mean, train)[0], batch_loss, rtol=1e-5)  # it centres on the stored mean
+    assert abs(loss(state.params, train)[0] - batch_loss) > 1e-2
+
+    before = jax.tree.map(np.asarray, state.params)  # the step donates the state
+    for _ in range(2):
+        state, _ = trainer.step(state, base, trainer.put_batch(random_batch(seed=2)))
+    np.testing.assert_array_equal(state.params["head"]["input_mean"], stored)
+    assert optax.tree.norm(jax.tree.map(lambda a, b: a - b, state.params, before)) > 0
+
+
 def test_weight_decay_mask_and_schedule():
     trainer = Trainer(HYPER, BASE, TrainConfig(batch_size=2))
     flat = traverse_util.flatten_dict(weight_decay_mask(trainer.init_state().params), sep="/")

@@ -33,8 +33,8 @@ def get_config() -> ml_collections.ConfigDict:
     # Checkpoint's chunk length when None; a number evaluates the same hypernetwork with other chunks.
     config.max_chunk_len = ml_collections.config_dict.placeholder(int)
     config.step = ml_collections.config_dict.placeholder(int)  # latest checkpoint when None
-    # How the base model is stored and multiplied (an experiment's ``base`` fields). bfloat16 is what the
-    # NIAH runs trained with and prefills an 8k-token prompt several times faster on this CPU.
+    # How the base model is stored and multiplied (an experiment's ``base`` fields; an empty ``dtype``
+    # multiplies in ``param_dtype``). The NIAH runs trained with bfloat16.
     config.base = dict(param_dtype="float32", dtype="")
     config.efficiency = True
     config.efficiency_repeats = 1

@@ -21,13 +21,11 @@ _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "training workdir (or its 
 _WORKDIR = flags.DEFINE_string("workdir", None, "output directory for results.json and the figures", required=True)
 
 
-def _run_record(checkpoint: str, step: int | None) -> tuple[int | None, str | None]:
+def _run_record(checkpoint: str, step: int | None) -> tuple[int | None, str]:
     """(the step ``D2L.load`` will restore, the latest when ``step`` is None; the run's base model name),
     so results name the step and the base model can be loaded the way the evaluation asks."""
     from d2l_jax.train.checkpoint import Checkpointer
 
-    if not Path(checkpoint).is_dir():
-        return step, None  # D2L.load raises the error that names the path
     checkpoints = Checkpointer.of_run(checkpoint)
     try:
         step = checkpoints.latest_step() if step is None else step
@@ -46,8 +44,7 @@ def main(argv):
     settings = sweep.SweepSettings.from_dict(config.sweep.to_dict())
     step, model = _run_record(_CHECKPOINT.value, config.step)
     execution = BaseExecution(param_dtype=config.base.param_dtype, dtype=config.base.dtype or None)
-    base = load_experiment_base(model, execution) if model else None
-    d2l = D2L.load(_CHECKPOINT.value, step=step, base=base)
+    d2l = D2L.load(_CHECKPOINT.value, step=step, base=load_experiment_base(model, execution))
     if config.max_chunk_len is not None:
         d2l = D2L(d2l.base, d2l.config.replace(max_chunk_len=config.max_chunk_len), d2l.params)
     identity = {

@@ -298,12 +298,13 @@ def _build_examples(base: BaseModel, document: str, questions: list[str], respon
 
 
 def _compute_teacher(base: BaseModel, teacher: dict[str, np.ndarray], loss: str, top_k: int, rows: int) -> dict[str, jax.Array]:
-    """Teacher targets for every example (and the padding row), ``rows`` sequences at a time."""
+    """Teacher targets for every example, ``rows`` sequences at a time, and zeros for the padding row
+    (its labels are masked out, so the teacher does not read it)."""
     if loss == "ce":
         return {}
-    total = teacher["tokens"].shape[0]
+    total = teacher["tokens"].shape[0] - 1
     groups = math.ceil(total / rows)
-    padded = {k: np.concatenate([v, np.zeros((groups * rows - total, *v.shape[1:]), v.dtype)]) for k, v in teacher.items()}
+    padded = {k: np.concatenate([v[:total], np.zeros((groups * rows - total, *v.shape[1:]), v.dtype)]) for k, v in teacher.items()}
     k = top_k if loss == "top_k_kl" else 0
     parts = [
         _teacher_targets(
@@ -311,12 +312,13 @@ def _compute_teacher(base: BaseModel, teacher: dict[str, np.ndarray], loss: str,
         )
         for g in range(groups)
     ]
+    with_padding_row = lambda x: jnp.concatenate([x[:total], jnp.zeros((1, *x.shape[1:]), x.dtype)])
     if k:
         return {
-            "teacher_log_probs": jnp.concatenate([p[0] for p in parts])[:total],
-            "teacher_ids": jnp.concatenate([p[1] for p in parts])[:total],
+            "teacher_log_probs": with_padding_row(jnp.concatenate([p[0] for p in parts])),
+            "teacher_ids": with_padding_row(jnp.concatenate([p[1] for p in parts])),
         }
-    return {"teacher_logits": jnp.concatenate(parts)[:total]}
+    return {"teacher_logits": with_padding_row(jnp.concatenate(parts))}
 
 
 # The public entry points ------------------------------------------------------------------------------------

@@ -11,12 +11,14 @@ import pytest
 
 import d2l_jax
 from d2l_jax.baselines import ContextDistillation, distill_document, distill_oracle, parse_qa_pairs
-from d2l_jax.data.examples import student_messages
+from d2l_jax.baselines import context_distillation as cd
+from d2l_jax.data.examples import sequence_with_labels, student_messages
 from d2l_jax.eval.qa import evaluate_qa
 from d2l_jax.models.base_model import BaseModel
 from d2l_jax.models.decoder import Decoder
 from d2l_jax.models.families import DecoderConfig
 from d2l_jax.models.lora import LoRA, merged_kernel
+from d2l_jax.train.losses import top_k_targets
 
 TINY = DecoderConfig(
     vocab_size=49152, hidden_size=64, intermediate_size=96, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=512
@@ -53,6 +55,24 @@ def test_loss_decreases(trained):
 def test_full_kl_decreases_towards_zero(tiny_base):
     result = distill_document(tiny_base, DOC, QA, steps=30, learning_rate=1e-2, response_source="given", loss="full_kl", progress=False)
     assert result.losses[0] > 0 and result.losses[-5:].mean() < 0.5 * result.losses[0]
+
+
+def test_teacher_targets_are_each_examples_own(tiny_base):
+    # Three examples in groups of two: each example's top-k targets are those of the teacher reading that
+    # example alone; the padding row is never run through the teacher and holds zeros.
+    questions, responses = [q for q, _ in QA], [a for _, a in QA]
+    _, teacher = cd._build_examples(tiny_base, DOC, questions, responses, instruction=False)
+    targets = cd._compute_teacher(tiny_base, teacher, "top_k_kl", top_k=4, rows=2)
+    assert targets["teacher_log_probs"].shape == (4, teacher["label_positions"].shape[1], 4)
+    for i, (question, response) in enumerate(QA):
+        ids, start, end = sequence_with_labels(
+            tiny_base.tokenizer, student_messages(question, response, context=DOC), tiny_base.stop_token_ids
+        )
+        logits = tiny_base.logits(np.array([ids]))[0, start - 1 : end - 1]
+        log_probs, top_ids = top_k_targets(logits[None], 4)
+        np.testing.assert_allclose(targets["teacher_log_probs"][i, : end - start], log_probs[0], atol=1e-4)
+        np.testing.assert_array_equal(targets["teacher_ids"][i, : end - start], top_ids[0])
+    assert not np.asarray(targets["teacher_log_probs"][3]).any() and not np.asarray(targets["teacher_ids"][3]).any()
 
 
 def test_adapter_layout(trained, tiny_base):

@@ -7,7 +7,8 @@ For each held-out document (test split, one length bin, depths spread evenly) D2
 oracle CD trains a fresh rank-8 LoRA on the test question against the teacher with the document in its
 prompt, once per step budget. Both then answer the question without the document. A warm-up document
 compiles every program first, so latencies are steady-state. Writes one JSON file with every
-per-document figure and prints a summary table.
+per-document figure, beside it the plot of accuracy against update latency (``<out stem>_accuracy_vs_update_latency.png``),
+and prints a summary table.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ def main(argv):
     from d2l_jax.baselines.context_distillation import PeakMemory, distill_oracle
     from d2l_jax.data.examples import student_messages
     from d2l_jax.data.niah import first_number
+    from d2l_jax.eval import plots
     from d2l_jax.eval.sweep import cell_records
 
     d2l = D2L.load(_CHECKPOINT.value)
@@ -84,10 +86,16 @@ def main(argv):
             update_seconds=float(np.median([r["update_seconds"] for r in mine])),
             peak_memory_gb=float(max(r["peak_memory_gb"] for r in mine)),
         )
+    for steps in budgets:
+        summary[f"cd_{steps}"]["cd_steps"] = steps
     out = Path(_OUT.value)
     out.parent.mkdir(parents=True, exist_ok=True)
     settings = dict(checkpoint=str(Path(_CHECKPOINT.value).resolve()), documents=_DOCUMENTS.value, lo=_LO.value, hi=_HI.value, seed=_SEED.value)
     out.write_text(json.dumps(dict(settings=settings, summary=summary, rows=rows), indent=2))
+    figure = out.with_name(f"{out.stem}_accuracy_vs_update_latency.png")
+    title = f"D2L vs oracle CD on {base.name}, {len(records)} NIAH documents of {_LO.value}-{_HI.value} tokens"
+    plots.accuracy_vs_update_latency(summary, figure, title=title)
+    print(figure)
     print(f"{'method':<10} {'accuracy':>9} {'update s (median)':>18} {'peak GB':>8}")
     for method, s in summary.items():
         print(f"{method:<10} {s['accuracy']:>9.2f} {s['update_seconds']:>18.3f} {s['peak_memory_gb']:>8.2f}")

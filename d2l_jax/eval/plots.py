@@ -1,4 +1,4 @@
-"""Plots of a training run's metrics."""
+"""Figures of training runs and evaluations: learning curves, NIAH accuracy, latency and memory."""
 
 from __future__ import annotations
 
@@ -45,6 +45,7 @@ def learning_curve(metrics_path: str | Path, png_path: str | Path, title: str = 
 
 _METHOD_STYLES = {
     "d2l": dict(color="tab:red", marker="o", label="D2L (adapter, no document)"),
+    "cd": dict(color="tab:green", marker="D", label="context distillation (LoRA, no document)"),
     "icl": dict(color="tab:blue", marker="s", label="in-context (document in prompt)"),
     "truncated_icl": dict(color="tab:cyan", marker="^", label="truncated in-context"),
     "base": dict(color="gray", marker="x", label="base model, no document"),
@@ -129,26 +130,28 @@ def niah_accuracy_by_length(records, png_path: str | Path, window: int | None = 
 
 def efficiency_by_length(records, png_path: str | Path, window: int | None = None, title: str = "") -> None:
     """Two panels against document tokens, from the sweep's efficiency records: answer-time memory
-    beyond the base parameters (KV cache, plus the adapter for D2L; in-context beyond the window is the
-    analytic KV cache it would need, dotted) and latency (D2L internalization, answer per question)."""
+    beyond the base parameters (KV cache, plus the adapter for D2L and CD; in-context beyond the window is
+    the analytic KV cache it would need, dotted) and latency (the update: D2L's internalization or CD's
+    training at its step budget; the answer to one question)."""
     fig, (memory_ax, time_ax) = plt.subplots(1, 2, figsize=(11, 4))
     for method in dict.fromkeys(r["method"] for r in records):
         rows = sorted((r for r in records if r["method"] == method), key=lambda r: r["context_tokens"])
         style = _METHOD_STYLES.get(method, dict(label=method, marker="o"))
-        x = [r["context_tokens"] for r in rows]
-        mib = [r["answer_state_bytes"] / 2**20 for r in rows]
-        ran = [r["status"] == "ok" for r in rows]
-        memory_ax.plot([a for a, ok in zip(x, ran) if ok], [b for b, ok in zip(mib, ran) if ok], "-", **style)
-        if not all(ran):
-            memory_ax.plot(x, mib, ":", color=style.get("color"), marker=style.get("marker"), alpha=0.5,
-                           label=f"{method}: analytic, not runnable")
+        sized = [(r["context_tokens"], r["answer_state_bytes"] / 2**20, r["status"] == "ok") for r in rows if "answer_state_bytes" in r]
+        memory_ax.plot([x for x, _, ok in sized if ok], [mib for _, mib, ok in sized if ok], "-", **style)
+        if not all(ok for _, _, ok in sized):
+            memory_ax.plot([x for x, _, _ in sized], [mib for _, mib, _ in sized], ":", color=style.get("color"),
+                           marker=style.get("marker"), alpha=0.5, label=f"{method}: analytic, not runnable")
         timed = [r for r in rows if r.get("answer_s") is not None]
         time_ax.plot([r["context_tokens"] for r in timed], [r["answer_s"] for r in timed], "-",
                      color=style.get("color"), marker=style.get("marker"), label=f"{method}: answer one question")
-        internalized = [r for r in rows if r.get("internalize_s") is not None]
-        if internalized:
-            time_ax.plot([r["context_tokens"] for r in internalized], [r["internalize_s"] for r in internalized], "--",
-                         color=style.get("color"), marker=style.get("marker"), label=f"{method}: internalize the document")
+        updated = [(r["context_tokens"], r.get("internalize_s", r.get("update_s"))) for r in rows]
+        updated = [(x, seconds) for x, seconds in updated if seconds is not None]
+        if updated:
+            steps = {r["cd_steps"] for r in rows if "cd_steps" in r}
+            what = "internalize" if not steps else f"train {steps.pop()} steps" if len(steps) == 1 else "train"
+            time_ax.plot(*zip(*updated), "--", color=style.get("color"), marker=style.get("marker"),
+                         label=f"{method}: {what} (update)")
     for ax in (memory_ax, time_ax):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
@@ -160,6 +163,38 @@ def efficiency_by_length(records, png_path: str | Path, window: int | None = Non
     memory_ax.set_ylabel("answer-time memory beyond the weights (MiB)")
     time_ax.set_ylabel("seconds")
     fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+
+
+def accuracy_vs_update_latency(summary, png_path: str | Path, title: str = "") -> None:
+    """Accuracy against the seconds it takes to adapt the model to a document (log scale).
+
+    ``summary`` maps a method to ``{"accuracy", "update_seconds"}`` (e.g. ``launch.compare_cd``'s summary);
+    entries with ``"cd_steps"`` are one context-distillation curve over its step budgets, each point
+    labelled with its budget; the others are single points (D2L).
+    """
+    if not summary:
+        raise ValueError("summary is empty: nothing to plot")
+    fig, ax = plt.subplots(figsize=(6, 4))
+    budgets = sorted((s for s in summary.values() if "cd_steps" in s), key=lambda s: s["cd_steps"])
+    if budgets:
+        ax.plot([s["update_seconds"] for s in budgets], [s["accuracy"] for s in budgets], "-", **_METHOD_STYLES["cd"])
+        for s in budgets:
+            ax.annotate(f"{s['cd_steps']} steps", (s["update_seconds"], s["accuracy"]), textcoords="offset points",
+                        xytext=(4, -12), fontsize=7)
+    for method, s in summary.items():
+        if "cd_steps" not in s:
+            style = _METHOD_STYLES.get(method, dict(label=method, marker="o"))
+            ax.plot([s["update_seconds"]], [s["accuracy"]], linestyle="none", markersize=9, **style)
+    ax.set_xscale("log")
+    ax.set_ylim(-0.05, 1.05)
+    ax.set_xlabel("update latency per document (s, median)")
+    ax.set_ylabel("exact match")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8, loc="best")
+    ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
     fig.savefig(png_path, dpi=100)
     plt.close(fig)

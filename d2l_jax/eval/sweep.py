@@ -17,7 +17,8 @@ Replies are scored as ``eval.niah.exact_match`` does: the first 4-digit number m
 
 Latencies in the records are wall-clock seconds per document (``internalize_s``) and per question
 (``answer_s``, batched); they include compilation the first time a shape is met. The efficiency records
-(``kind == "efficiency"``, see ``eval.efficiency``) are measured after a warm-up and exclude it.
+(``kind == "efficiency"``, see ``eval.efficiency``: D2L, context distillation and in-context learning on
+one document per length) are measured after a warm-up and exclude it.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from d2l_jax.data.niah import (
     niah_context,
     split_numbers,
 )
+from d2l_jax.baselines.context_distillation import REFERENCE_EPOCHS
 from d2l_jax.eval.efficiency import EFFICIENCY_METHODS
 from d2l_jax.eval.long_context import internalize_any, truncate_middle
 from d2l_jax.eval.niah import MAX_NEW_TOKENS
@@ -76,7 +78,8 @@ class SweepSettings:
       icl_batch_tokens: at most this many (bucketed) prompt tokens per in-context call; long prompts go
         one at a time.
       efficiency_bins: bins of the efficiency report (one document each, depth bin 5); empty = none.
-      efficiency_methods: a subset of ``("d2l", "icl")``.
+      efficiency_methods: a subset of ``("d2l", "cd", "icl")``.
+      cd_steps: the step budget of context distillation in the efficiency report (300: the reference's).
     """
 
     bins: tuple[tuple[int, int], ...]
@@ -89,7 +92,8 @@ class SweepSettings:
     batch_size: int = 8
     icl_batch_tokens: int = 8192
     efficiency_bins: tuple[tuple[int, int], ...] = ()
-    efficiency_methods: tuple[str, ...] = ("d2l", "icl")
+    efficiency_methods: tuple[str, ...] = tuple(EFFICIENCY_METHODS)
+    cd_steps: int = REFERENCE_EPOCHS
 
     def __post_init__(self):
         for name in ("bins", "efficiency_bins"):
@@ -113,7 +117,7 @@ class SweepSettings:
             raise ValueError(f"efficiency_methods must be a subset of {tuple(EFFICIENCY_METHODS)}, got {self.efficiency_methods}")
         if self.split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {self.split!r}")
-        for name in ("samples_per_cell", "max_new_tokens", "batch_size", "icl_batch_tokens"):
+        for name in ("samples_per_cell", "max_new_tokens", "batch_size", "icl_batch_tokens", "cd_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
@@ -261,6 +265,7 @@ def cell_key(record: Mapping[str, Any]) -> tuple:
         record.get("n"),
         record["split"],
         record["max_new_tokens"],
+        record.get("cd_steps"),
     )
 
 
@@ -416,19 +421,25 @@ def run_efficiency(
 ) -> list[dict]:
     """Measures the unfinished (method, efficiency bin) cells (see ``eval.efficiency``) on one document
     per bin (the first sample of depth bin 5) and appends them to ``results.json`` as
-    ``{"kind": "efficiency", "method", "length", "lo", "hi", "context_tokens", "status", "internalize_s",
-    "answer_s", "kv_cache_bytes", "adapter_bytes", "answer_state_bytes", "answer_program_bytes", ...}``.
-    Returns all records of the file."""
+    ``{"kind": "efficiency", "method", "length", "lo", "hi", "context_tokens", "status", "internalize_s"
+    (D2L), "update_s" (CD, with "cd_steps"), "answer_s", "kv_cache_bytes", "adapter_bytes",
+    "answer_state_bytes", "answer_program_bytes", ...}``. Returns all records of the file."""
     results = _Results(workdir, settings, identity)
-    cells = [(lo, hi, method) for lo, hi in settings.efficiency_bins for method in settings.efficiency_methods]
-    todo = [c for c in cells if cell_key(_cell(settings, "efficiency", c[2], c[0], c[1], 5, 1)) not in results.done]
+
+    def cell(lo, hi, method):
+        row = _cell(settings, "efficiency", method, lo, hi, 5, 1)
+        return row | {"cd_steps": settings.cd_steps} if method == "cd" else row
+
+    cells = [cell(lo, hi, method) for lo, hi in settings.efficiency_bins for method in settings.efficiency_methods]
+    todo = [row for row in cells if cell_key(row) not in results.done]
     with tqdm(total=len(cells), initial=len(cells) - len(todo), desc="efficiency", disable=not progress) as bar:
-        for lo, hi, method in todo:
-            bar.set_postfix_str(f"{method} len<{hi}")
-            [record] = cell_records(d2l.base.tokenizer, lo, hi, 5, 1, settings.seed, settings.split)
+        for row in todo:
+            method = row["method"]
+            bar.set_postfix_str(f"{method} len<{row['hi']}")
+            [record] = cell_records(d2l.base.tokenizer, row["lo"], row["hi"], 5, 1, settings.seed, settings.split)
+            options = {"steps": settings.cd_steps} if method == "cd" else {}
             measure = EFFICIENCY_METHODS[method]
-            costs = measure(d2l, record, settings.max_new_tokens, repeats=repeats, program_memory=program_memory)
-            row = _cell(settings, "efficiency", method, lo, hi, 5, 1)
+            costs = measure(d2l, record, settings.max_new_tokens, repeats=repeats, program_memory=program_memory, **options)
             row["context_tokens"] = record["context_tokens"]
             row["response"] = record["response"]
             row.update(costs)

@@ -1,6 +1,7 @@
 """The NIAH sweep runner, chunked internalization of long documents, and the efficiency figures, on a
 tiny random base model with SmolLM2's tokenizer."""
 
+import dataclasses
 import json
 
 import flax.linen as nn
@@ -171,6 +172,10 @@ def test_settings_are_checked():
         sweep.SweepSettings(bins=((64, 8),))
     with pytest.raises(ValueError, match="unknown sweep settings"):
         sweep.SweepSettings.from_dict({"bins": (SHORT,), "sample_per_cell": 2})
+    with pytest.raises(ValueError, match="efficiency_methods"):
+        sweep.SweepSettings(bins=(SHORT,), efficiency_methods=("rag",))
+    with pytest.raises(ValueError, match="cd_steps must be >= 1"):
+        sweep.SweepSettings(bins=(SHORT,), cd_steps=0)
 
 
 @pytest.mark.parametrize("dense_above_rank", [None, 0], ids=["concatenated", "factorised"])
@@ -220,27 +225,38 @@ def test_kv_cache_bytes_by_hand(smollm2):
 
 
 def test_efficiency_records(tiny_d2l, tmp_path):
-    settings = sweep.SweepSettings(bins=(SHORT,), efficiency_bins=(SHORT, LONG), max_new_tokens=4)
+    settings = sweep.SweepSettings(bins=(SHORT,), efficiency_bins=(SHORT, LONG), max_new_tokens=4, cd_steps=3)
     records = sweep.run_efficiency(tiny_d2l, settings, tmp_path, progress=False)
     cells = {(r["method"], r["hi"]): r for r in records}
-    assert set(cells) == {("d2l", 64), ("icl", 64), ("d2l", 600), ("icl", 600)}
+    assert set(cells) == {(m, hi) for m in ("d2l", "cd", "icl") for hi in (64, 600)}
     for (method, hi), r in cells.items():
         assert r["kind"] == "efficiency" and r["lo"] <= r["context_tokens"] < r["hi"]
-        assert r["kv_cache_bytes"] == kv_cache_bytes(TINY_BASE, r["prompt_tokens"] + 4)
+        if r["status"] == "ok" or method != "cd":
+            assert r["kv_cache_bytes"] == kv_cache_bytes(TINY_BASE, r["prompt_tokens"] + 4)
     long_icl = cells["icl", 600]
     assert long_icl["status"].startswith("not run: exceeds window 512") and "answer_s" not in long_icl
-    for key in [("d2l", 64), ("d2l", 600), ("icl", 64)]:
+    long_cd = cells["cd", 600]
+    assert long_cd["status"].startswith("not run: exceeds window 512") and "teacher" in long_cd["status"]
+    assert "update_s" not in long_cd and long_cd["cd_steps"] == 3
+    for key in [("d2l", 64), ("d2l", 600), ("icl", 64), ("cd", 64)]:
         r = cells[key]
         assert r["status"] == "ok" and r["answer_s"] > 0 and r["answer_program_bytes"] > r["kv_cache_bytes"]
+    rank_bytes = TINY_BASE.num_layers * sum(TINY_BASE.projection_shapes()["down_proj"]) * 4  # A and B of every layer
     for hi in (64, 600):
         d2l = cells["d2l", hi]
         assert d2l["internalize_s"] > 0 and d2l["answer_state_bytes"] == d2l["kv_cache_bytes"] + d2l["adapter_bytes"]
-        # The adapter's bytes: A and B of every layer at the adapter's (bucketed) rank.
-        rank_bytes = TINY_BASE.num_layers * sum(TINY_BASE.projection_shapes()["down_proj"]) * 4
+        # At the adapter's (bucketed) rank.
         assert d2l["adapter_bytes"] % rank_bytes == 0 and d2l["adapter_bytes"] // rank_bytes >= d2l["adapter_rank"]
+    cd = cells["cd", 64]
+    assert cd["cd_steps"] == 3 and cd["adapter_rank"] == 8 and cd["adapter_bytes"] == 8 * rank_bytes
+    assert cd["update_s"] >= cd["train_s"] > 0 and cd["answer_state_bytes"] == cd["kv_cache_bytes"] + cd["adapter_bytes"]
+    assert cd["prompt_tokens"] == cells["d2l", 64]["prompt_tokens"]  # both answer from the question alone
     # The D2L prompt holds only the question; the in-context one the whole document.
     assert cells["d2l", 600]["kv_cache_bytes"] < cells["icl", 600]["kv_cache_bytes"]
     again = sweep.run_efficiency(tiny_d2l, settings, tmp_path, progress=False)
     assert again == records  # resumed: nothing measured twice
+    other_budget = dataclasses.replace(settings, cd_steps=2, efficiency_bins=(SHORT,))
+    added = sweep.run_efficiency(tiny_d2l, other_budget, tmp_path, progress=False)[len(records) :]
+    assert [(r["method"], r["cd_steps"]) for r in added] == [("cd", 2)]  # a new budget is a new cell
     paths = sweep.write_plots(records, tmp_path, window=512)
     assert [p.name for p in paths] == ["efficiency_by_length.png"] and paths[0].stat().st_size > 1000

@@ -183,13 +183,13 @@ def accuracy_vs_update_latency(summary, png_path: str | Path, title: str = "") -
         ax.plot([s["update_seconds"] for s in budgets], [s["accuracy"] for s in budgets], "-", **_METHOD_STYLES["cd"])
         for s in budgets:
             ax.annotate(f"{s['cd_steps']} steps", (s["update_seconds"], s["accuracy"]), textcoords="offset points",
-                        xytext=(4, -12), fontsize=7)
+                        xytext=(5, 5), fontsize=7)
     for method, s in summary.items():
         if "cd_steps" not in s:
             style = _METHOD_STYLES.get(method, dict(label=method, marker="o"))
             ax.plot([s["update_seconds"]], [s["accuracy"]], linestyle="none", markersize=9, **style)
     ax.set_xscale("log")
-    ax.set_ylim(-0.05, 1.05)
+    ax.set_ylim(-0.05, 1.12)
     ax.set_xlabel("update latency per document (s, median)")
     ax.set_ylabel("exact match")
     ax.set_title(title, fontsize=9)

@@ -36,6 +36,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from d2l_jax.api import D2L, stack_adapters
+from d2l_jax.baselines.context_distillation import REFERENCE_EPOCHS
 from d2l_jax.data.examples import student_messages
 from d2l_jax.data.niah import (
     NIAH_PROMPT,
@@ -47,7 +48,6 @@ from d2l_jax.data.niah import (
     niah_context,
     split_numbers,
 )
-from d2l_jax.baselines.context_distillation import REFERENCE_EPOCHS
 from d2l_jax.eval.efficiency import EFFICIENCY_METHODS
 from d2l_jax.eval.long_context import internalize_any, truncate_middle
 from d2l_jax.eval.niah import MAX_NEW_TOKENS

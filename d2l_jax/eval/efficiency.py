@@ -107,7 +107,7 @@ def cd_costs(
     distill = lambda budget: distill_oracle(
         d2l.base, record["context"], record["prompt"], steps=budget, max_response_tokens=max_new_tokens, progress=False
     )
-    distill(min(steps, 1))
+    distill(1)  # compiles every program of the update
     updates = [distill(steps) for _ in range(repeats)]
     result = updates[-1]
     out = _answer_costs(d2l, record, result.adapter.lora, max_new_tokens, repeats, program_memory)

@@ -14,10 +14,8 @@ and prints a summary table.
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
-import jax
 import numpy as np
 from absl import app, flags
 
@@ -32,72 +30,28 @@ _SEED = flags.DEFINE_integer("seed", 0, "seed of the documents")
 
 def main(argv):
     del argv
-    from tqdm.auto import tqdm
-
     from d2l_jax.api import D2L
-    from d2l_jax.baselines.context_distillation import PeakMemory, distill_oracle
-    from d2l_jax.data.examples import student_messages
-    from d2l_jax.data.niah import first_number
     from d2l_jax.eval import plots
+    from d2l_jax.eval.cd_comparison import compare_with_cd
     from d2l_jax.eval.sweep import cell_records
 
     d2l = D2L.load(_CHECKPOINT.value)
-    base = d2l.base
-    budgets = [int(s) for s in _CD_STEPS.value]
+    tokenizer = d2l.base.tokenizer
     depths = np.linspace(0, 9, _DOCUMENTS.value).round().astype(int)
-    records = [cell_records(base.tokenizer, _LO.value, _HI.value, int(d), 1, _SEED.value + i)[0] for i, d in enumerate(depths)]
-    warmup = cell_records(base.tokenizer, _LO.value, _HI.value, 0, 1, _SEED.value + 10_000)[0]
+    records = [cell_records(tokenizer, _LO.value, _HI.value, int(d), 1, _SEED.value + i)[0] for i, d in enumerate(depths)]
+    warmup = cell_records(tokenizer, _LO.value, _HI.value, 0, 1, _SEED.value + 10_000)[0]
+    comparison = compare_with_cd(d2l, records, [int(s) for s in _CD_STEPS.value], warmup=warmup)
 
-    def ask(record, lora=None):
-        reply = base.generate([student_messages(record["prompt"])], max_new_tokens=16, lora=lora)[0]
-        return reply, first_number(reply) == record["response"]
-
-    def d2l_update(record):
-        with PeakMemory() as memory:
-            start = time.perf_counter()
-            adapter = d2l.internalize(record["context"])
-            jax.block_until_ready(adapter.lora)
-            seconds = time.perf_counter() - start
-        return adapter, seconds, memory.peak_gb, {}
-
-    def cd_update(record, steps):
-        result = distill_oracle(base, record["context"], record["prompt"], steps=steps, progress=False)
-        parts = {k: result.summary()[k] for k in ("response_seconds", "teacher_seconds", "train_seconds", "final_loss")}
-        return result.adapter, result.update_seconds, result.peak_memory_gb, parts
-
-    methods = {"d2l": d2l_update} | {f"cd_{s}": (lambda r, s=s: cd_update(r, s)) for s in budgets}
-    for update in methods.values():  # compile everything once
-        update(warmup)
-
-    rows = []
-    for record in tqdm(records, desc="documents"):
-        for method, update in methods.items():
-            adapter, seconds, peak_gb, parts = update(record)
-            reply, correct = ask(record, adapter.lora)
-            rows.append(dict(method=method, depth=record["depth_bin"], context_tokens=record["context_tokens"],
-                             update_seconds=seconds, peak_memory_gb=peak_gb, reply=reply, response=record["response"], correct=correct, **parts))
-        d2l.reset()
-
-    summary = {}
-    for method in methods:
-        mine = [r for r in rows if r["method"] == method]
-        summary[method] = dict(
-            accuracy=float(np.mean([r["correct"] for r in mine])),
-            update_seconds=float(np.median([r["update_seconds"] for r in mine])),
-            peak_memory_gb=float(max(r["peak_memory_gb"] for r in mine)),
-        )
-    for steps in budgets:
-        summary[f"cd_{steps}"]["cd_steps"] = steps
     out = Path(_OUT.value)
     out.parent.mkdir(parents=True, exist_ok=True)
     settings = dict(checkpoint=str(Path(_CHECKPOINT.value).resolve()), documents=_DOCUMENTS.value, lo=_LO.value, hi=_HI.value, seed=_SEED.value)
-    out.write_text(json.dumps(dict(settings=settings, summary=summary, rows=rows), indent=2))
+    out.write_text(json.dumps(dict(settings=settings, **comparison), indent=2))
     figure = out.with_name(f"{out.stem}_accuracy_vs_update_latency.png")
-    title = f"D2L vs oracle CD on {base.name}, {len(records)} NIAH documents of {_LO.value}-{_HI.value} tokens"
-    plots.accuracy_vs_update_latency(summary, figure, title=title)
+    title = f"D2L vs oracle CD on {d2l.base.name}, {len(records)} NIAH documents of {_LO.value}-{_HI.value} tokens"
+    plots.accuracy_vs_update_latency(comparison["summary"], figure, title=title)
     print(figure)
     print(f"{'method':<10} {'accuracy':>9} {'update s (median)':>18} {'peak GB':>8}")
-    for method, s in summary.items():
+    for method, s in comparison["summary"].items():
         print(f"{method:<10} {s['accuracy']:>9.2f} {s['update_seconds']:>18.3f} {s['peak_memory_gb']:>8.2f}")
 
 

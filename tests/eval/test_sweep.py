@@ -4,9 +4,6 @@ tiny random base model with SmolLM2's tokenizer."""
 import dataclasses
 import json
 
-import flax.linen as nn
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -16,29 +13,11 @@ from d2l_jax.data.niah import needle_index_range
 from d2l_jax.eval import long_context as lc
 from d2l_jax.eval import sweep
 from d2l_jax.eval.efficiency import kv_cache_bytes
-from d2l_jax.models.base_model import BaseModel
-from d2l_jax.models.decoder import Decoder
-from d2l_jax.models.families import DecoderConfig
-from tests.conftest import randomized
+from tests.eval.conftest import TINY_BASE, TINY_HYPER
 
-TINY_BASE = DecoderConfig(
-    vocab_size=49152, hidden_size=64, intermediate_size=96, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=512
-)
-TINY_HYPER = d2l_jax.HypernetConfig(
-    encoder_type="early_exit", latent_size=32, n_latent_queries=4, num_blocks=1, num_heads=4, head_dim=8, num_kv_heads=2,
-    lora_rank=2, max_chunk_len=64, max_chunks=2, chunk_group_size=2,
-)
 SHORT, LONG = (8, 64), (520, 600)  # LONG is past the tiny model's 512-token window
 SETTINGS = sweep.SweepSettings(bins=(SHORT, LONG), depths=(0, 9), samples_per_cell=2, max_new_tokens=4, batch_size=2)
 DOC = "The vault code is 4817 and the vault is in Lisbon, near the river. " * 6
-
-
-@pytest.fixture(scope="module")
-def tiny_d2l(smollm2):
-    tokens = jnp.zeros((1, 1), jnp.int32)
-    params = nn.unbox(Decoder(TINY_BASE).init(jax.random.key(1), tokens, tokens, tokens + 1))["params"]
-    base = BaseModel("tiny", TINY_BASE, params, smollm2.tokenizer, smollm2.stop_token_ids)
-    return randomized(d2l_jax.D2L.create(base, TINY_HYPER, seed=0))
 
 
 def counting(methods):

@@ -31,7 +31,7 @@ def compare_with_cd(
     """Runs D2L and CD at every step budget on ``records`` (NIAH records: ``context``, ``prompt``,
     ``response``, ``depth_bin``, ``context_tokens``).
 
-    Replies (the answers, not the teacher's replies CD distils on) have at most ``max_new_tokens`` tokens.
+    Replies (the answers, and the teacher's replies CD distils on) have at most ``max_new_tokens`` tokens.
     ``warmup`` (a record of the same kind) is updated on by every method first and not scored, so the
     latencies of ``records`` exclude compilation. ``d2l`` is reset afterwards.
 
@@ -55,7 +55,9 @@ def compare_with_cd(
         return adapter, seconds, memory.peak_gb, {}
 
     def cd_update(record, steps) -> tuple[Adapter, float, float, dict]:
-        result = distill_oracle(d2l.base, record["context"], record["prompt"], steps=steps, progress=False)
+        result = distill_oracle(
+            d2l.base, record["context"], record["prompt"], steps=steps, max_response_tokens=max_new_tokens, progress=False
+        )
         parts = {k: result.summary()[k] for k in ("response_seconds", "teacher_seconds", "train_seconds", "final_loss")}
         return result.adapter, result.update_seconds, result.peak_memory_gb, parts
 

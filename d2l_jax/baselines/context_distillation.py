@@ -258,8 +258,8 @@ def _next_power_of_two(n: int) -> int:
 
 
 def _build_examples(base: BaseModel, document: str, questions: list[str], responses: list[str], instruction: bool):
-    """Student and teacher sequences as right-padded arrays with one extra all-padding row at the end
-    (minibatches are filled up to their static size with it)."""
+    """Student sequences as right-padded arrays with one extra all-padding row at the end (minibatches are
+    filled up to their static size with it), and the teacher's sequences, one row per example."""
     tokenizer = base._require_tokenizer()
     students, teachers = [], []
     for number, (question, response) in enumerate(zip(questions, responses)):
@@ -286,11 +286,11 @@ def _build_examples(base: BaseModel, document: str, questions: list[str], respon
         "label_mask": _pad([[1] * (end - start) for _, start, end in students], n + 1, labels),
     }
     teacher = {
-        "tokens": _pad([t for t, _ in teachers], n + 1, teacher_len),
-        "mask": _pad([[1] * len(t) for t, _ in teachers], n + 1, teacher_len),
+        "tokens": _pad([t for t, _ in teachers], n, teacher_len),
+        "mask": _pad([[1] * len(t) for t, _ in teachers], n, teacher_len),
         "label_positions": _pad(
             [list(range(t_start - 1, t_start - 1 + end - start)) for (_, t_start), (_, start, end) in zip(teachers, students)],
-            n + 1,
+            n,
             labels,
         ),
     }
@@ -302,9 +302,9 @@ def _compute_teacher(base: BaseModel, teacher: dict[str, np.ndarray], loss: str,
     (its labels are masked out, so the teacher does not read it)."""
     if loss == "ce":
         return {}
-    total = teacher["tokens"].shape[0] - 1
+    total = teacher["tokens"].shape[0]
     groups = math.ceil(total / rows)
-    padded = {k: np.concatenate([v[:total], np.zeros((groups * rows - total, *v.shape[1:]), v.dtype)]) for k, v in teacher.items()}
+    padded = {k: np.concatenate([v, np.zeros((groups * rows - total, *v.shape[1:]), v.dtype)]) for k, v in teacher.items()}
     k = top_k if loss == "top_k_kl" else 0
     parts = [
         _teacher_targets(

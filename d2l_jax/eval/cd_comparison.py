@@ -14,10 +14,12 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from d2l_jax.api import D2L, Adapter
+from d2l_jax.api import D2L, stack_adapters
 from d2l_jax.baselines.context_distillation import PeakMemory, distill_oracle
 from d2l_jax.data.examples import student_messages
 from d2l_jax.data.niah import first_number
+from d2l_jax.eval.long_context import internalize_any
+from d2l_jax.models.lora import LoRA
 
 
 def compare_with_cd(
@@ -33,7 +35,8 @@ def compare_with_cd(
 
     Replies (the answers, and the teacher's replies CD distils on) have at most ``max_new_tokens`` tokens.
     ``warmup`` (a record of the same kind) is updated on by every method first and not scored, so the
-    latencies of ``records`` exclude compilation. ``d2l`` is reset afterwards.
+    latencies of ``records`` exclude compilation. Documents longer than ``d2l``'s chunk budget are
+    internalized segment by segment (``long_context.internalize_any``); no current adapter is left set.
 
     Returns ``{"rows": [...], "summary": {...}}``: a row per (document, method) with ``method`` (``"d2l"``
     or ``"cd_<steps>"``), ``update_seconds``, ``peak_memory_gb`` (the process's resident memory during
@@ -46,20 +49,19 @@ def compare_with_cd(
     if not budgets or min(budgets) < 1:
         raise ValueError(f"budgets must be non-empty step counts >= 1, got {list(budgets)}")
 
-    def d2l_update(record) -> tuple[Adapter, float, float, dict]:
+    def d2l_update(record) -> tuple[LoRA, float, float, dict]:
         with PeakMemory() as memory:
             start = time.perf_counter()
-            adapter = d2l.internalize(record["context"])
-            jax.block_until_ready(adapter.lora)
+            lora = jax.block_until_ready(stack_adapters(internalize_any(d2l, [record["context"]])))
             seconds = time.perf_counter() - start
-        return adapter, seconds, memory.peak_gb, {}
+        return lora, seconds, memory.peak_gb, {}
 
-    def cd_update(record, steps) -> tuple[Adapter, float, float, dict]:
+    def cd_update(record, steps) -> tuple[LoRA, float, float, dict]:
         result = distill_oracle(
             d2l.base, record["context"], record["prompt"], steps=steps, max_response_tokens=max_new_tokens, progress=False
         )
         parts = {k: result.summary()[k] for k in ("response_seconds", "teacher_seconds", "train_seconds", "final_loss")}
-        return result.adapter, result.update_seconds, result.peak_memory_gb, parts
+        return result.adapter.lora, result.update_seconds, result.peak_memory_gb, parts
 
     methods = {"d2l": d2l_update} | {f"cd_{s}": (lambda r, s=s: cd_update(r, s)) for s in budgets}
     if warmup is not None:
@@ -67,18 +69,15 @@ def compare_with_cd(
             update(warmup)
 
     rows = []
-    try:
-        for record in tqdm(records, desc="documents", disable=not progress):
-            for method, update in methods.items():
-                adapter, seconds, peak_gb, parts = update(record)
-                reply = d2l.base.generate([student_messages(record["prompt"])], max_new_tokens=max_new_tokens, lora=adapter.lora)[0]
-                rows.append(
-                    dict(method=method, depth=record["depth_bin"], context_tokens=record["context_tokens"], update_seconds=seconds,
-                         peak_memory_gb=peak_gb, reply=reply, response=record["response"],
-                         correct=first_number(reply) == record["response"], **parts)
-                )
-    finally:
-        d2l.reset()
+    for record in tqdm(records, desc="documents", disable=not progress):
+        for method, update in methods.items():
+            lora, seconds, peak_gb, parts = update(record)
+            reply = d2l.base.generate([student_messages(record["prompt"])], max_new_tokens=max_new_tokens, lora=lora)[0]
+            rows.append(
+                dict(method=method, depth=record["depth_bin"], context_tokens=record["context_tokens"], update_seconds=seconds,
+                     peak_memory_gb=peak_gb, reply=reply, response=record["response"],
+                     correct=first_number(reply) == record["response"], **parts)
+            )
 
     summary = {}
     for method in methods:
@@ -87,7 +86,5 @@ def compare_with_cd(
             accuracy=float(np.mean([r["correct"] for r in mine])),
             update_seconds=float(np.median([r["update_seconds"] for r in mine])),
             peak_memory_gb=float(max(r["peak_memory_gb"] for r in mine)),
-        )
-    for steps in budgets:
-        summary[f"cd_{steps}"]["cd_steps"] = steps
+        ) | ({"cd_steps": int(method[3:])} if method.startswith("cd_") else {})
     return {"rows": rows, "summary": summary}

@@ -23,8 +23,8 @@ from jaxtyping import Array, Float
 
 from d2l_jax.hypernet.config import HypernetConfig
 from d2l_jax.hypernet.perceiver import TORCH_LINEAR_INIT
-from d2l_jax.models.decoder import compute_einsum
 from d2l_jax.models.families import DecoderConfig
+from d2l_jax.models.layers import compute_einsum
 
 
 def _uniform(bound: float):

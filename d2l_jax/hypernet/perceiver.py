@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float
 
 from d2l_jax.hypernet.config import HypernetConfig
-from d2l_jax.models.decoder import MASKED_SCORE, Linear, RMSNorm, attend, compute_einsum, rms_normalize
+from d2l_jax.models.layers import MASKED_SCORE, Linear, RMSNorm, attend, compute_einsum, rms_normalize
 
 TORCH_LINEAR_INIT = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
 

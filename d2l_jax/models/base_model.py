@@ -16,6 +16,7 @@ import numpy as np
 from d2l_jax.models import generate as gen
 from d2l_jax.models.decoder import Decoder
 from d2l_jax.models.families import DecoderConfig
+from d2l_jax.models.layers import positions_from_mask
 from d2l_jax.models.lora import LoRA, validate_lora
 
 
@@ -59,7 +60,7 @@ def embedded_model_path(name: str) -> Path:
 
 @functools.partial(jax.jit, static_argnames=("config",))
 def _logits(config: DecoderConfig, params, tokens, mask, lora):
-    positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+    positions = positions_from_mask(mask)
     return Decoder(config).apply({"params": params}, tokens, positions, mask, lora=lora).logits
 
 

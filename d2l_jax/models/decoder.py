@@ -15,7 +15,6 @@ Layers run under ``nn.scan``; a LoRA (``d2l_jax.models.lora.LoRA``) and a KV cac
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any
 
@@ -26,11 +25,10 @@ from flax import struct
 from jaxtyping import Array, Bool, Float, Int
 
 from d2l_jax.models.families import DecoderConfig
-from d2l_jax.models.lora import LoRA, lora_delta
+from d2l_jax.models.layers import DEFAULT_KERNEL_INIT, Linear, RMSNorm, attend, compute_einsum, positions_from_mask
+from d2l_jax.models.lora import LoRA
 from d2l_jax.sharding import constrain
 
-_KERNEL_INIT = nn.initializers.normal(stddev=0.02)
-MASKED_SCORE = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite, so fully masked (padding) rows stay NaN-free
 _REMAT_POLICIES = {
     "full": None,
     "dots": jax.checkpoint_policies.checkpoint_dots,
@@ -76,84 +74,6 @@ class DecoderOutput:
     last_hidden_state: Any = None
     hidden_states: Any = None
     cache: Any = None
-
-
-def rms_normalize(x, eps: float):
-    """``x / sqrt(mean(x^2) + eps)`` over the last axis, in float32."""
-    xf = x.astype(jnp.float32)
-    return xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
-
-
-class RMSNorm(nn.Module):
-    eps: float
-    weight_offset: float = 0.0  # Gemma stores w and scales by (1 + w)
-
-    @nn.compact
-    def __call__(self, x):
-        init = nn.initializers.zeros if self.weight_offset else nn.initializers.ones
-        scale = self.param("scale", nn.with_logical_partitioning(init, ("norm",)), (x.shape[-1],), jnp.float32)
-        return (rms_normalize(x, self.eps) * (self.weight_offset + scale.astype(jnp.float32))).astype(x.dtype)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3, 4))
-def compute_einsum(spec: str, x, y, dtype, out_dtype=None):
-    """``einsum(spec, x, y)`` with both operands in ``dtype``, accumulated in float32, returned in
-    ``out_dtype`` (default ``dtype``).
-
-    The usual mixed precision, in the backward pass too: the two gradient products also take ``dtype``
-    operands and sum in float32, and each gradient comes back in its operand's dtype (autodiff would
-    multiply the float32 cotangent with a ``dtype`` operand, which XLA's CPU backend does slowly).
-    XLA's CPU backend runs bfloat16 products this way several times faster than float32 ones (AMX);
-    float32 is unchanged. ``spec`` is explicit (``"lhs,rhs->out"``); every index of an operand must
-    appear in the other operand or in the output.
-    """
-    _einsum_specs(spec)
-    product = jnp.einsum(spec, x.astype(dtype), y.astype(dtype), preferred_element_type=jnp.float32)
-    return product.astype(out_dtype or dtype)
-
-
-def _einsum_specs(spec: str) -> tuple[str, str, str]:
-    operands, out = spec.replace(" ", "").split("->")
-    lhs, rhs = operands.split(",")
-    for name, operand, other in (("first", lhs, rhs + out), ("second", rhs, lhs + out)):
-        if set(operand.replace("...", "")) - set(other.replace("...", "")):
-            raise ValueError(f"compute_einsum({spec!r}): the {name} operand has an index found nowhere else")
-    return lhs, rhs, out
-
-
-def _compute_einsum_fwd(spec, x, y, dtype, out_dtype):
-    return compute_einsum(spec, x, y, dtype, out_dtype), (x, y)
-
-
-def _compute_einsum_bwd(spec, dtype, out_dtype, residuals, cotangent):
-    x, y = residuals
-    lhs, rhs, out = _einsum_specs(spec)
-    contract = lambda subscripts, a, b, like: jnp.einsum(
-        subscripts, a.astype(dtype), b.astype(dtype), preferred_element_type=jnp.float32
-    ).astype(like.dtype)
-    return contract(f"{out},{rhs}->{lhs}", cotangent, y, x), contract(f"{lhs},{out}->{rhs}", x, cotangent, y)
-
-
-compute_einsum.defvjp(_compute_einsum_fwd, _compute_einsum_bwd)
-
-
-class Linear(nn.Module):
-    """``y = x W`` (kernel ``[d_in, d_out]``, no bias) plus an optional per-example LoRA delta."""
-
-    features: int
-    axes: tuple[str, str]
-    dtype: Any = jnp.float32
-    kernel_init: Any = _KERNEL_INIT
-
-    @nn.compact
-    def __call__(self, x, lora: tuple[jax.Array, jax.Array] | None = None, alpha: float = 1.0):
-        kernel = self.param(
-            "kernel", nn.with_logical_partitioning(self.kernel_init, self.axes), (x.shape[-1], self.features), jnp.float32
-        )
-        y = compute_einsum("...d,df->...f", x, kernel, self.dtype)
-        if lora is not None:
-            y = y + lora_delta(x, *lora, alpha).astype(y.dtype)
-        return y
 
 
 def rope_inv_freq(config: DecoderConfig) -> jax.Array:
@@ -222,36 +142,6 @@ def causal_blocks(length: int) -> int:
         if length % blocks == 0 and length // blocks >= 32:
             return blocks
     return 1
-
-
-def attend(q, k, v, mask, softcap: float | None = None, blocks: int = 1):
-    """Grouped-query attention. q ``[B, T, N, Dh]`` (already scaled), k/v ``[B, S, K, Dh]``, mask ``[B, T, S]``.
-
-    ``blocks > 1`` (only when query t sits at key slot t and the mask is causal) splits the queries into
-    that many blocks, each scoring only the keys up to its end: about half the work, and score tensors
-    ``blocks`` times smaller.
-    """
-    b, t, n, dh = q.shape
-    kv_heads = k.shape[2]
-    q = q.reshape(b, t, kv_heads, n // kv_heads, dh).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, Dh]
-    k = k.transpose(0, 2, 1, 3)  # [B, K, S, Dh]
-    v = v.transpose(0, 2, 1, 3)
-
-    def block(q_block, mask_block, keys):
-        scores = compute_einsum("bkgtd,bksd->bkgts", q_block, k[:, :, :keys], k.dtype, jnp.float32)
-        if softcap is not None:
-            scores = jnp.tanh(scores / softcap) * softcap
-        scores = jnp.where(mask_block[:, None, None, :, :keys], scores, MASKED_SCORE)
-        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        return compute_einsum("bkgts,bksd->bkgtd", probs, v[:, :, :keys], v.dtype)
-
-    if blocks == 1:
-        out = block(q, mask, k.shape[2])
-    else:
-        size = t // blocks
-        pieces = [block(q[:, :, :, i * size : (i + 1) * size], mask[:, i * size : (i + 1) * size], (i + 1) * size) for i in range(blocks)]
-        out = jnp.concatenate(pieces, axis=3)
-    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n * dh)
 
 
 class Attention(nn.Module):
@@ -360,7 +250,7 @@ class Decoder(nn.Module):
         c = self.config
         embedding = self.param(
             "embedding",
-            nn.with_logical_partitioning(_KERNEL_INIT, ("vocab", "embed")),
+            nn.with_logical_partitioning(DEFAULT_KERNEL_INIT, ("vocab", "embed")),
             (c.vocab_size, c.hidden_size),
             jnp.float32,
         )
@@ -408,7 +298,7 @@ class Decoder(nn.Module):
             lm_head = None
             if not c.tie_word_embeddings:
                 lm_head = self.param(
-                    "lm_head", nn.with_logical_partitioning(_KERNEL_INIT, ("embed", "vocab")), (c.hidden_size, c.vocab_size), jnp.float32
+                    "lm_head", nn.with_logical_partitioning(DEFAULT_KERNEL_INIT, ("embed", "vocab")), (c.hidden_size, c.vocab_size), jnp.float32
                 )
             logits = project_logits(c, final_norm, embedding, lm_head, x, logit_positions)
         return DecoderOutput(logits=logits, last_hidden_state=last_hidden_state, hidden_states=hidden_states, cache=new_cache)
@@ -431,7 +321,7 @@ def project_logits(config: DecoderConfig, final_norm, embedding, lm_head, x: Flo
 
 def _layer_runner(config: DecoderConfig, params: dict, segment_ids: Int[Array, "B T"]):
     """``run(x, index, lora_layer)``: decoder layer ``index`` on ``x``, its parameters indexed in place (no copy)."""
-    positions = jnp.maximum(jnp.cumsum(segment_ids > 0, axis=1) - 1, 0)
+    positions = positions_from_mask(segment_ids > 0)
     cos, sin = rope_tables(config, positions)
     slots = jnp.arange(segment_ids.shape[1])
     mask = attention_mask(segment_ids, segment_ids, slots, slots, config.sliding_window)

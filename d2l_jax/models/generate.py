@@ -17,6 +17,7 @@ from jaxtyping import Array, Float, Int
 
 from d2l_jax.models.decoder import Decoder, KVCache
 from d2l_jax.models.families import DecoderConfig
+from d2l_jax.models.layers import positions_from_mask
 from d2l_jax.models.lora import LoRA
 
 NO_TOKEN = -1  # fills the output after a row has stopped
@@ -84,7 +85,7 @@ def generate_tokens(
     model = Decoder(config)
     variables = {"params": params}
     batch, length = tokens.shape
-    positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+    positions = positions_from_mask(mask)
     prefill = model.apply(
         variables,
         tokens,

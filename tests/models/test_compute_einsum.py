@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from d2l_jax.models.decoder import compute_einsum
+from d2l_jax.models.layers import compute_einsum
 
 SPECS = {
     "...d,df->...f": ((2, 3, 5), (5, 4)),

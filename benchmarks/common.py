@@ -12,8 +12,8 @@ PRECISIONS = ("float32", "bfloat16")
 
 
 def hypernet_config(name: str, precision: str = "float32"):
-    """A named hypernetwork configuration whose matmuls run in ``precision`` (parameters stay float32); in
-    bfloat16 the Perceiver's blocks are unrolled, as ``load_smollm2`` unrolls the base model's layers."""
+    """A named hypernetwork configuration and its execution: matmuls in ``precision`` (parameters stay
+    float32); in bfloat16 the Perceiver's blocks are unrolled, as ``load_smollm2`` unrolls the base model's layers."""
     import d2l_jax
 
     config = {
@@ -22,17 +22,17 @@ def hypernet_config(name: str, precision: str = "float32"):
         "niah_cpu": d2l_jax.HypernetConfig.niah_cpu(early_exit_layer=7, max_chunk_len=1024, max_chunks=64),
     }[name]
     unroll = 1 if precision == "float32" else config.num_blocks
-    return config.replace(dtype=precision, scan_unroll=unroll)
+    return config, d2l_jax.HypernetExecution(dtype=precision, scan_unroll=unroll)
 
 
 def load_smollm2(precision: str = "float32"):
     """The embedded SmolLM2 in ``precision``: float32 as loaded, or bfloat16 weights and matmuls (float32
     sums) with the layer loops unrolled, which is how XLA's CPU backend multiplies bfloat16 fastest."""
-    from d2l_jax.train.experiment import BaseExecution, base_architecture, load_experiment_base
+    from d2l_jax.models.base_model import BaseExecution, base_architecture
 
     name = "smollm2-135m-instruct"
     unroll = 1 if precision == "float32" else base_architecture(name).num_layers
-    return load_experiment_base(name, BaseExecution(param_dtype=precision, scan_unroll=unroll))
+    return BaseExecution(param_dtype=precision, scan_unroll=unroll).load(name)
 
 
 def peak_rss_gb() -> float:

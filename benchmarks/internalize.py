@@ -46,7 +46,8 @@ def run_case(config_name: str, tokens: int, repeats: int, precision: str) -> dic
     import d2l_jax
 
     base = load_smollm2(precision)
-    d2l = d2l_jax.D2L.create(base, hypernet_config(config_name, precision))
+    hyper, execution = hypernet_config(config_name, precision)
+    d2l = d2l_jax.D2L.create(base, hyper, execution=execution)
     document = document_of_length(d2l, tokens)
     rss_before = peak_rss_gb()
     start = time.perf_counter()

@@ -65,8 +65,9 @@ def run_case(case: str, repeats: int, precision: str) -> dict:
 
     config_name, loss = case.split(":")
     base = load_smollm2(precision)
-    hyper = hypernet_config(config_name, precision).replace(max_chunk_len=CONTEXT)
-    trainer = Trainer(hyper, base.config, TrainConfig(loss=loss, teacher="offline", batch_size=1, steps=1000))
+    hyper, execution = hypernet_config(config_name, precision)
+    hyper = hyper.replace(max_chunk_len=CONTEXT)
+    trainer = Trainer(hyper, base.config, TrainConfig(loss=loss, teacher="offline", batch_size=1, steps=1000), execution=execution)
     state, base_params = trainer.init_state(), trainer.put_base_params(base.params)
     data = trainer.put_batch(batch(base.config.vocab_size, loss == "top_k_kl"))
     rss_before = peak_rss_gb()

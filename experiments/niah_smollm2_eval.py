@@ -35,9 +35,11 @@ def get_config() -> ml_collections.ConfigDict:
     # Checkpoint's chunk length when None; a number evaluates the same hypernetwork with other chunks.
     config.max_chunk_len = ml_collections.config_dict.placeholder(int)
     config.step = ml_collections.config_dict.placeholder(int)  # latest checkpoint when None
-    # How the base model is stored and multiplied (an experiment's ``base`` fields; an empty ``dtype``
-    # multiplies in ``param_dtype``). The NIAH runs trained with bfloat16.
-    config.base = dict(param_dtype="float32", dtype="")
+    # How the base model is stored and multiplied (an experiment's ``base_execution`` fields; an empty
+    # ``dtype`` multiplies in ``param_dtype``). The NIAH runs trained with bfloat16.
+    config.base_execution = dict(param_dtype="float32", dtype="")
+    # How the hypernetwork runs (``HypernetExecution`` fields); empty: as the run trained it.
+    config.execution = dict()
     config.efficiency = True
     config.efficiency_repeats = 1
     config.program_memory = True  # compile the answer programs once more for XLA's memory figures

@@ -9,9 +9,9 @@ reference's (GPUs x gradient accumulation); on another number of chips keep ``ba
 grad_accum_steps`` and set ``batch_size`` to a multiple of the chips, e.g. for the main recipe on a
 4-chip slice ``--config.train.batch_size=4 --config.train.grad_accum_steps=16``.
 
-The ``base`` section stores the frozen base in bfloat16, runs its matmuls in bfloat16 and
+The ``base_execution`` section stores the frozen base in bfloat16, runs its matmuls in bfloat16 and
 rematerialises every decoder layer in the backward pass; the hypernetwork keeps float32 parameters and
-AdamW state and runs its matmuls in bfloat16 (the reference's bf16 autocast). Not reproduced: NEFTune
+AdamW state and runs its matmuls in bfloat16 (``execution``: the reference's bf16 autocast). Not reproduced: NEFTune
 noise on the student embeddings (main recipe) and the 4-bit context encoder.
 """
 
@@ -39,9 +39,8 @@ def main_experiment(model: str) -> ml_collections.ConfigDict:
     # iterative: the Perceiver reads one base layer's features at a time (same outputs). Batched, it reads
     # all layers as one layer-major batch, which merges the layer axis with the chunk axis that is sharded
     # over the batch mesh axes; XLA then holds every chunk's activations on every chip (see docs/scaling.md).
-    config.hypernet = dataclasses.asdict(
-        HypernetConfig(max_chunk_len=4096, max_chunks=1, chunk_group_size=1, iterative=True, dtype="bfloat16")
-    )
+    config.hypernet = dataclasses.asdict(HypernetConfig(max_chunk_len=4096, max_chunks=1))
+    config.execution = dict(dtype="bfloat16", iterative=True, chunk_group_size=1)
     config.train = dict(
         loss="top_k_kl",
         teacher="offline",
@@ -60,7 +59,7 @@ def main_experiment(model: str) -> ml_collections.ConfigDict:
     )
     config.data = dict(
         # Self-generated QA records (context, prompt, response, teacher_log_probs [labels, 16], teacher_ids).
-        source="data/self_gen_qa_level1.parquet",
+        source=dict(name="records", options=dict(path="data/self_gen_qa_level1.parquet")),
         chunk_probs=(),
         min_chunk_len=25,
         chunks_per_context=1,
@@ -68,7 +67,7 @@ def main_experiment(model: str) -> ml_collections.ConfigDict:
         max_labels=2048,
         max_teacher_len=0,
     )
-    config.base = dict(BF16_BASE)
+    config.base_execution = dict(BF16_BASE)
     config.eval_every = 0  # the reference trains with evaluation off
     config.checkpoint_every = 5000
     config.keep_checkpoints = 2
@@ -91,7 +90,8 @@ def niah_experiment(model: str) -> ml_collections.ConfigDict:
     """
     config = ml_collections.ConfigDict()
     config.model = model
-    config.hypernet = dataclasses.asdict(HypernetConfig.niah(max_chunk_len=256, max_chunks=2, chunk_group_size=1, dtype="bfloat16"))
+    config.hypernet = dataclasses.asdict(HypernetConfig.niah(max_chunk_len=256, max_chunks=2))
+    config.execution = dict(dtype="bfloat16", chunk_group_size=1)
     config.train = dict(
         loss="ce",
         teacher="online",
@@ -108,9 +108,7 @@ def niah_experiment(model: str) -> ml_collections.ConfigDict:
         mesh=(),
     )
     config.data = dict(
-        source="niah",
-        niah_bins=((32, 128), (128, 256)),
-        niah_eval_bin=(32, 256),
+        source=dict(name="niah", options=dict(bins=((32, 128), (128, 256)))),
         chunk_probs=((1, 0.5), (2, 0.125)),
         min_chunk_len=25,
         chunks_per_context=2,
@@ -118,9 +116,9 @@ def niah_experiment(model: str) -> ml_collections.ConfigDict:
         max_labels=8,
         max_teacher_len=0,
     )
-    config.base = dict(BF16_BASE)
+    config.base_execution = dict(BF16_BASE)
+    config.evaluator = dict(name="niah", options=dict(bin=(32, 256), contexts=100))
     config.eval_every = 100
-    config.eval_contexts = 100
     config.checkpoint_every = 500
     config.keep_checkpoints = 2
     config.log_every = 10

@@ -51,10 +51,8 @@ class ChatSession:
         self.adapter = None
 
     def _internalize(self) -> str:
-        from d2l_jax.eval.long_context import internalize_long
-
         start = time.perf_counter()
-        self.adapter = internalize_long(self.d2l, self.document, scaler=self.scale)
+        self.adapter = self.d2l.adapters([self.document], scaler=self.scale)[0]
         seconds = time.perf_counter() - start
         return (
             f"[internalized {self.document_name}: {self.adapter.num_tokens} tokens, {self.adapter.num_chunks} chunks, "

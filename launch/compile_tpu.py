@@ -14,9 +14,14 @@ program and the estimated step time at the chip's peak. Train with the same mesh
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 from absl import app, flags
+
+# Compile-only use opens no TPU, so it may share libtpu with other processes (libtpu otherwise takes a
+# machine-wide lock on load); set before anything in this process loads it.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file (ml_collections)", lock_config=True)
@@ -64,16 +69,17 @@ def summary(report: dict) -> str:
 def main(argv):
     del argv
     from d2l_jax import sharding
+    from d2l_jax.models.base_model import base_architecture
     from d2l_jax.train import aot
-    from d2l_jax.train.experiment import base_architecture, parse_experiment
+    from d2l_jax.train.config import parse_experiment
 
-    run, execution = parse_experiment(json.loads(_CONFIG.value.to_json()))
+    run = parse_experiment(json.loads(_CONFIG.value.to_json()))
     try:
         chip, devices = aot.topology_devices(_TOPOLOGY.value)
         mesh = sharding.make_mesh(parse_mesh(_MESH.value) if _MESH.value else dict(run.train.mesh), devices)
     except ValueError as e:  # unknown topology, malformed mesh, or a mesh that does not match the slice
         sys.exit(str(e))
-    step = aot.compile_train_step(run, base_architecture(run.model), execution, mesh)
+    step = aot.compile_train_step(run, base_architecture(run.model), mesh)
     report = {
         "config": config_flags.get_config_filename(flags.FLAGS["config"]),
         "overrides": {k: str(v) for k, v in config_flags.get_override_values(flags.FLAGS["config"]).items()},

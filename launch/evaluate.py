@@ -21,15 +21,13 @@ _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "training workdir (or its 
 _WORKDIR = flags.DEFINE_string("workdir", None, "output directory for results.json and the figures", required=True)
 
 
-def _run_record(checkpoint: str, step: int | None) -> tuple[int | None, str]:
-    """(the step ``D2L.load`` will restore, the latest when ``step`` is None; the run's base model name),
-    so results name the step and the base model can be loaded the way the evaluation asks."""
+def _latest_step(checkpoint: str, step: int | None) -> int | None:
+    """The step ``D2L.load`` will restore (the latest when ``step`` is None), so results name it."""
     from d2l_jax.train.checkpoint import Checkpointer
 
     checkpoints = Checkpointer.of_run(checkpoint)
     try:
-        step = checkpoints.latest_step() if step is None else step
-        return step, checkpoints.read_json("config", step)["model"]
+        return checkpoints.latest_step() if step is None else step
     finally:
         checkpoints.close()
 
@@ -38,21 +36,24 @@ def main(argv):
     del argv
     from d2l_jax.api import D2L
     from d2l_jax.eval import sweep
-    from d2l_jax.train.experiment import BaseExecution, load_experiment_base
+    from d2l_jax.hypernet.config import HypernetExecution
+    from d2l_jax.models.base_model import BaseExecution
 
     config = _CONFIG.value
     settings = sweep.SweepSettings.from_dict(config.sweep.to_dict())
-    step, model = _run_record(_CHECKPOINT.value, config.step)
-    execution = BaseExecution(param_dtype=config.base.param_dtype, dtype=config.base.dtype or None)
-    d2l = D2L.load(_CHECKPOINT.value, step=step, base=load_experiment_base(model, execution))
+    step = _latest_step(_CHECKPOINT.value, config.step)
+    base_execution = BaseExecution(param_dtype=config.base_execution.param_dtype, dtype=config.base_execution.dtype or None)
+    execution = HypernetExecution(**config.execution) if config.execution else None
+    d2l = D2L.load(_CHECKPOINT.value, step=step, execution=execution, base_execution=base_execution)
     if config.max_chunk_len is not None:
-        d2l = D2L(d2l.base, d2l.config.replace(max_chunk_len=config.max_chunk_len), d2l.params)
+        d2l = D2L(d2l.base, d2l.config.replace(max_chunk_len=config.max_chunk_len), d2l.params, d2l.execution)
     identity = {
         "checkpoint": str(Path(_CHECKPOINT.value).resolve()),
         "step": step,
         "base_model": d2l.base.name,
         "max_chunk_len": d2l.config.max_chunk_len,
-        "base_dtypes": {"params": execution.param_dtype, "matmuls": execution.compute_dtype},
+        "base_dtypes": {"params": base_execution.param_dtype, "matmuls": base_execution.compute_dtype},
+        "hypernet_dtype": d2l.execution.dtype,
     }
     workdir = Path(_WORKDIR.value)
     records = sweep.run_sweep(d2l, settings, workdir, identity=identity)

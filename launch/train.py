@@ -27,12 +27,15 @@ def main(argv):
 
     if _DISTRIBUTED.value or _COORDINATOR.value:
         jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-    from d2l_jax.train.experiment import load_experiment_base, parse_experiment
+    from d2l_jax.eval.evaluators import make_evaluator
+    from d2l_jax.train.config import parse_experiment
     from d2l_jax.train.loop import train
 
     logging.getLogger("d2l_jax").setLevel(logging.INFO)
-    run, execution = parse_experiment(json.loads(_CONFIG.value.to_json()))
-    result = train(run, _WORKDIR.value, base=load_experiment_base(run.model, execution))
+    run = parse_experiment(json.loads(_CONFIG.value.to_json()))
+    base = run.base_execution.load(run.model)
+    evaluator = make_evaluator(run.evaluator, base, seed=run.train.seed) if run.evaluator else None
+    result = train(run, _WORKDIR.value, base=base, evaluator=evaluator)
     if jax.process_index() == 0:
         print(json.dumps(result, indent=2))
 

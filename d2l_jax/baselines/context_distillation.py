@@ -7,7 +7,8 @@ weight decay, cosine learning rate to 0) on the document's questions. The studen
 the LoRA and only the question in its prompt; the teacher is the same frozen base model with the document
 before the question. The loss (``d2l_jax.train.losses``) is the top-16 cross-entropy to the teacher, as
 in the reference, averaged over the label tokens of a minibatch; the full-vocabulary KL and plain
-cross-entropy on the responses are options.
+cross-entropy on the responses are options. Student logits, teacher targets, the loss and AdamW are
+meta-training's (``d2l_jax.train.distillation``, ``d2l_jax.train.optimizer``).
 
 The responses distilled on are the teacher's greedy replies (the reference discards the answers of its
 question generator), or the given answers of question-answer pairs (``response_source="given"``). The
@@ -39,23 +40,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jaxtyping import Array, Float
 from tqdm.auto import tqdm
 
 from d2l_jax.api import Adapter
 from d2l_jax.data.chunking import document_affixes, tokenize_document
 from d2l_jax.data.examples import sequence_with_labels, student_messages
 from d2l_jax.models.base_model import BaseModel
-from d2l_jax.models.decoder import Decoder
 from d2l_jax.models.families import DecoderConfig
 from d2l_jax.models.generate import bucket_length
 from d2l_jax.models.lora import LoRA, TARGET_MODULES
-from d2l_jax.train.losses import cross_entropy, full_kl, top_k_kl, top_k_targets
+from d2l_jax.train.distillation import DistillationLoss, label_logits, teacher_targets
+from d2l_jax.train.optimizer import adamw, cosine_schedule
 
 # The reference's CD budget: 300 epochs over the document's questions, minibatches of 16, AdamW at 1e-4
 # (weight decay 0.01), PEFT LoRA of rank 8 on down_proj with lora_alpha 16, top-16 teacher targets.
 REFERENCE_EPOCHS = 300
-CD_LOSSES = ("top_k_kl", "full_kl", "ce")
 RESPONSE_SOURCES = ("teacher", "given")
 
 # The reference's instruction between the document and the question in its CD teacher prompt
@@ -164,58 +163,35 @@ class _StepSpec:
     """What the compiled train step depends on besides array shapes (hashable, a static argument)."""
 
     alpha: float
-    loss: str
+    loss: DistillationLoss
     b1: float
     b2: float
     eps: float
     weight_decay: float
 
-
-def _adamw_direction(spec: _StepSpec) -> optax.GradientTransformation:
-    """AdamW without the learning rate: the update is ``-lr * (adam + weight_decay * param)``, which is
-    torch's decoupled AdamW; the learning rate is an argument of the step so a schedule never recompiles."""
-    return optax.chain(optax.scale_by_adam(spec.b1, spec.b2, spec.eps), optax.add_decayed_weights(spec.weight_decay))
-
-
-def _student_logits(config: DecoderConfig, base_params, lora: LoRA | None, batch) -> Float[Array, "B P V"]:
-    positions = jnp.maximum(jnp.cumsum(batch["mask"], axis=1) - 1, 0)
-    return Decoder(config).apply(
-        {"params": base_params}, batch["tokens"], positions, batch["mask"], lora=lora, logit_positions=batch["label_positions"]
-    ).logits
+    def optimizer(self, learning_rate) -> optax.GradientTransformation:
+        return adamw(learning_rate, b1=self.b1, b2=self.b2, eps=self.eps, weight_decay=self.weight_decay)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "spec"), donate_argnames=("lora_params", "opt_state"))
 def _cd_train_step(config: DecoderConfig, spec: _StepSpec, base_params, lora_params, opt_state, batch, learning_rate):
-    """One AdamW step on a minibatch ``[rows, ...]``; returns (params, optimizer state, loss before the step)."""
+    """One AdamW step on a minibatch ``[rows, ...]``; returns (params, optimizer state, loss before the step).
+
+    ``learning_rate`` is traced, so neither the schedule's steps nor a new step budget recompile."""
 
     def loss_fn(params):
-        logits = _student_logits(config, base_params, _as_lora(params, spec.alpha, batch["tokens"].shape[0]), batch)
+        lora = _as_lora(params, spec.alpha, batch["tokens"].shape[0])
+        logits = label_logits(config, base_params, batch["tokens"], batch["mask"], batch["label_positions"], lora)
         # All label tokens of the minibatch as one row: the reference averages the loss over tokens.
         flat = lambda x: x.reshape(1, -1, *x.shape[2:])
-        mask = flat(batch["label_mask"])
-        if spec.loss == "top_k_kl":
-            return top_k_kl(flat(logits), flat(batch["teacher_log_probs"]), flat(batch["teacher_ids"]), mask)
-        if spec.loss == "full_kl":
-            return full_kl(flat(logits), flat(batch["teacher_logits"]), mask)
-        return cross_entropy(flat(logits), flat(batch["labels"]), mask)
+        return spec.loss.loss(flat(logits), jax.tree.map(flat, batch), flat(batch["label_mask"]))
 
     loss, grads = jax.value_and_grad(loss_fn)(lora_params)
-    updates, opt_state = _adamw_direction(spec).update(grads, opt_state, lora_params)
-    lora_params = jax.tree.map(lambda p, u: p - learning_rate * u, lora_params, updates)
-    return lora_params, opt_state, loss
+    updates, opt_state = spec.optimizer(learning_rate).update(grads, opt_state, lora_params)
+    return optax.apply_updates(lora_params, updates), opt_state, loss
 
 
-@functools.partial(jax.jit, static_argnames=("config", "top_k"))
-def _teacher_targets(config: DecoderConfig, base_params, tokens, mask, label_positions, top_k: int):
-    """The frozen base model's logits at the label positions of document-in-prompt sequences: the top-k
-    log-probabilities and ids (``top_k > 0``) or the full logits ``[rows, P, V]``."""
-    logits = _student_logits(config, base_params, None, {"tokens": tokens, "mask": mask, "label_positions": label_positions})
-    return top_k_targets(logits, top_k) if top_k else logits
-
-
-def cosine_learning_rate(learning_rate: float, step: int, steps: int) -> float:
-    """``learning_rate * (1 + cos(pi * step / steps)) / 2``: torch's CosineAnnealingLR to 0 over ``steps``."""
-    return learning_rate * 0.5 * (1.0 + math.cos(math.pi * step / max(steps, 1)))
+_teacher_targets = jax.jit(teacher_targets, static_argnames=("base", "distillation"))
 
 
 # Examples ----------------------------------------------------------------------------------------------------
@@ -298,27 +274,20 @@ def _build_examples(base: BaseModel, document: str, questions: list[str], respon
 
 
 def _compute_teacher(base: BaseModel, teacher: dict[str, np.ndarray], loss: str, top_k: int, rows: int) -> dict[str, jax.Array]:
-    """Teacher targets for every example, ``rows`` sequences at a time, and zeros for the padding row
-    (its labels are masked out, so the teacher does not read it)."""
-    if loss == "ce":
+    """Teacher targets (``DistillationLoss(loss, top_k).targets``) for every example, ``rows`` sequences at
+    a time, and zeros for the padding row (its labels are masked out, so the teacher does not read it)."""
+    distillation = DistillationLoss(loss, top_k)
+    if not distillation.uses_teacher:
         return {}
     total = teacher["tokens"].shape[0]
     groups = math.ceil(total / rows)
     padded = {k: np.concatenate([v, np.zeros((groups * rows - total, *v.shape[1:]), v.dtype)]) for k, v in teacher.items()}
-    k = top_k if loss == "top_k_kl" else 0
-    parts = [
-        _teacher_targets(
-            base.config, base.params, *(padded[name][g * rows : (g + 1) * rows] for name in ("tokens", "mask", "label_positions")), top_k=k
-        )
-        for g in range(groups)
-    ]
+    parts = []
+    for g in range(groups):
+        tokens, mask, positions = (padded[name][g * rows : (g + 1) * rows] for name in ("tokens", "mask", "label_positions"))
+        parts.append(_teacher_targets(base.config, base.params, tokens, mask, positions, distillation))
     with_padding_row = lambda x: jnp.concatenate([x[:total], jnp.zeros((1, *x.shape[1:]), x.dtype)])
-    if k:
-        return {
-            "teacher_log_probs": with_padding_row(jnp.concatenate([p[0] for p in parts])),
-            "teacher_ids": with_padding_row(jnp.concatenate([p[1] for p in parts])),
-        }
-    return {"teacher_logits": with_padding_row(jnp.concatenate(parts))}
+    return {name: with_padding_row(jnp.concatenate([p[name] for p in parts])) for name in parts[0]}
 
 
 # The public entry points ------------------------------------------------------------------------------------
@@ -432,15 +401,14 @@ def distill_document(
       ValueError: empty document or question list, unknown loss / response source / target module, a
         ``"given"`` question without an answer, or a teacher sequence longer than the model's window.
     """
-    if loss not in CD_LOSSES:
-        raise ValueError(f"loss={loss!r}; expected one of {CD_LOSSES}")
+    distillation = DistillationLoss(loss, top_k)
     if response_source not in RESPONSE_SOURCES:
         raise ValueError(f"response_source={response_source!r}; expected one of {RESPONSE_SOURCES}")
     unknown = sorted(set(target_modules) - set(TARGET_MODULES))
     if unknown or not target_modules:
         raise ValueError(f"target_modules={tuple(target_modules)}: unknown or empty; known modules: {TARGET_MODULES}")
-    if rank < 1 or batch_size < 1 or (steps is not None and steps < 0) or (loss == "top_k_kl" and top_k < 1):
-        raise ValueError(f"need rank >= 1, batch_size >= 1, steps >= 0 and top_k >= 1; got {rank}, {batch_size}, {steps}, {top_k}")
+    if rank < 1 or batch_size < 1 or (steps is not None and steps < 0):
+        raise ValueError(f"need rank >= 1, batch_size >= 1 and steps >= 0; got {rank}, {batch_size}, {steps}")
     tokenizer = base._require_tokenizer()
     num_tokens = len(tokenize_document(tokenizer, document, document_affixes(tokenizer)))
     asked, given = _split_questions(questions, response_source)
@@ -448,7 +416,7 @@ def distill_document(
     rows = min(_next_power_of_two(n), batch_size)
     batches_per_epoch = math.ceil(n / rows)
     steps = REFERENCE_EPOCHS * batches_per_epoch if steps is None else steps
-    spec = _StepSpec(alpha=lora_alpha / rank, loss=loss, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
+    spec = _StepSpec(alpha=lora_alpha / rank, loss=distillation, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
 
     with PeakMemory() as memory:
         start = time.perf_counter()
@@ -469,7 +437,8 @@ def distill_document(
 
         key = jax.random.key(seed)
         params = init_cd_lora(base.config, target_modules, rank, key)
-        opt_state = _adamw_direction(spec).init(params)
+        opt_state = spec.optimizer(learning_rate).init(params)
+        schedule = cosine_schedule(learning_rate, max(steps, 1))
         order_rng = np.random.default_rng(seed)
         losses, order = [], np.arange(n)
         bar = tqdm(range(steps), desc="context distillation", disable=not progress, leave=False)
@@ -480,7 +449,7 @@ def distill_document(
             members = order[position * rows : (position + 1) * rows]
             index = jnp.asarray(np.pad(members, (0, rows - len(members)), constant_values=n))  # n = the padding row
             batch = {name: jnp.take(value, index, axis=0) for name, value in data.items()}
-            rate = np.float32(cosine_learning_rate(learning_rate, step, steps))
+            rate = jnp.asarray(schedule(step), jnp.float32)
             params, opt_state, step_loss = _cd_train_step(base.config, spec, base.params, params, opt_state, batch, rate)
             losses.append(step_loss)
             if progress and (step + 1) % max(1, steps // 20) == 0:

@@ -18,7 +18,6 @@ from d2l_jax.api import D2L, stack_adapters
 from d2l_jax.baselines.context_distillation import PeakMemory, distill_oracle
 from d2l_jax.data.examples import student_messages
 from d2l_jax.data.niah import first_number
-from d2l_jax.eval.long_context import internalize_any
 from d2l_jax.models.lora import LoRA
 
 
@@ -36,7 +35,7 @@ def compare_with_cd(
     Replies (the answers, and the teacher's replies CD distils on) have at most ``max_new_tokens`` tokens.
     ``warmup`` (a record of the same kind) is updated on by every method first and not scored, so the
     latencies of ``records`` exclude compilation. Documents longer than ``d2l``'s chunk budget are
-    internalized segment by segment (``long_context.internalize_any``); no current adapter is left set.
+    internalized segment by segment (``D2L.adapters``); the current adapter is left as it is.
 
     Returns ``{"rows": [...], "summary": {...}}``: a row per (document, method) with ``method`` (``"d2l"``
     or ``"cd_<steps>"``), ``update_seconds``, ``peak_memory_gb`` (the process's resident memory during
@@ -52,7 +51,7 @@ def compare_with_cd(
     def d2l_update(record) -> tuple[LoRA, float, float, dict]:
         with PeakMemory() as memory:
             start = time.perf_counter()
-            lora = jax.block_until_ready(stack_adapters(internalize_any(d2l, [record["context"]])))
+            lora = jax.block_until_ready(stack_adapters(d2l.adapters([record["context"]])))
             seconds = time.perf_counter() - start
         return lora, seconds, memory.peak_gb, {}
 

@@ -20,7 +20,8 @@ import jax.numpy as jnp
 from d2l_jax.api import D2L, stack_adapters
 from d2l_jax.baselines.context_distillation import REFERENCE_EPOCHS, distill_oracle
 from d2l_jax.data.examples import student_messages
-from d2l_jax.eval.long_context import adapter_bytes, answer_program_bytes, internalize_any
+from d2l_jax.eval.in_context import answer_program_bytes
+from d2l_jax.hypernet.adapter import adapter_bytes
 from d2l_jax.models.families import DecoderConfig
 from d2l_jax.models.lora import LoRA
 
@@ -81,9 +82,9 @@ def d2l_costs(d2l: D2L, record: dict, max_new_tokens: int, repeats: int = 1, pro
     reply of at most ``max_new_tokens`` with the adapter and no document), ``prompt_tokens``,
     ``kv_cache_bytes`` (prompt + reply), ``adapter_bytes``, ``answer_state_bytes`` (their sum: what the
     answer needs beyond the base parameters), ``adapter_rank``, ``chunks`` and, with ``program_memory``,
-    ``answer_program_bytes`` (see ``long_context.answer_program_bytes``).
+    ``answer_program_bytes`` (see ``in_context.answer_program_bytes``).
     """
-    adapters, internalize_s = _seconds(lambda: internalize_any(d2l, [record["context"]]), repeats)
+    adapters, internalize_s = _seconds(lambda: d2l.adapters([record["context"]]), repeats)
     out = _answer_costs(d2l, record, stack_adapters(adapters), max_new_tokens, repeats, program_memory)
     return out | {"internalize_s": internalize_s, "adapter_rank": adapters[0].rank, "chunks": adapters[0].num_chunks}
 

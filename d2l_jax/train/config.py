@@ -1,10 +1,17 @@
-"""Meta-training configuration. The defaults are the reference's (reference-facts section 6)."""
+"""A meta-training run's configuration: how it trains (``TrainConfig``, defaults = the reference's,
+reference-facts section 6), its data (``DataConfig``), its periodic evaluation (``EvaluatorConfig``) and
+the whole run (``RunConfig``, what ``config.json`` holds and an experiment file describes)."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Any
 
+from d2l_jax.data.examples import BatchShapes
+from d2l_jax.data.sources import SourceConfig
+from d2l_jax.hypernet.config import HypernetConfig, HypernetExecution
+from d2l_jax.models.base_model import BaseExecution
 from d2l_jax.train.losses import LOSS_TYPES
 
 TEACHERS = ("online", "offline")
@@ -25,9 +32,10 @@ class TrainConfig:
       updates are multiplied by ``perceiver_lr_scale`` (0 freezes it at its initialisation).
     Batch: ``batch_size`` (query, context) rows per micro-batch, ``grad_accum_steps`` micro-batches per
       update (gradients averaged, one optimizer step).
-    Encoder: ``chunk_group_size`` chunks of a micro-batch go through the context encoder and Perceiver at
-      a time (0: all at once); groups holding only padding chunks (batches put them last) are skipped,
-      which saves the work on padding when contexts have fewer chunks than the batch reserves.
+    Encoder: ``encoder_chunk_rows`` chunk rows of a micro-batch go through the context encoder and Perceiver
+      at a time (0: all at once; it must divide the micro-batch's chunk rows); groups holding only padding
+      chunks (batches put them last) are skipped, which saves the work on padding when contexts have fewer
+      chunks than the batch reserves.
     Head centring (``HypernetConfig.center_head_input``): the head centres its inputs on the batch's mean
       and keeps a running mean for inference; ``freeze_head_input_mean`` centres on the stored mean and
       leaves it as it is, for fine-tuning on batches whose chunk mix differs from the first run's (batches
@@ -51,7 +59,7 @@ class TrainConfig:
     perceiver_lr_scale: float = 1.0
     batch_size: int = 1
     grad_accum_steps: int = 1
-    chunk_group_size: int = 0
+    encoder_chunk_rows: int = 0
     freeze_head_input_mean: bool = False
     seed: int = 42
     mesh: tuple[tuple[str, int], ...] = ()
@@ -68,8 +76,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.perceiver_lr_scale < 0:
             raise ValueError(f"perceiver_lr_scale must be >= 0 (0 freezes the Perceiver), got {self.perceiver_lr_scale}")
-        if self.chunk_group_size < 0:
-            raise ValueError(f"chunk_group_size must be >= 0 (0: all chunks at once), got {self.chunk_group_size}")
+        if self.encoder_chunk_rows < 0:
+            raise ValueError(f"encoder_chunk_rows must be >= 0 (0: all chunks at once), got {self.encoder_chunk_rows}")
         if not 0 <= self.warmup_steps < self.steps:
             raise ValueError(f"warmup_steps={self.warmup_steps} must be in [0, steps={self.steps})")
         if isinstance(self.mesh, dict):
@@ -81,3 +89,144 @@ class TrainConfig:
     @property
     def uses_teacher(self) -> bool:
         return self.loss != "ce"
+
+
+def _tuples(x):
+    return tuple(_tuples(v) for v in x) if isinstance(x, list) else x
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Where training records come from, and the static batch shapes.
+
+    source: the records (``data.sources``: a source name and its options).
+    warmup_source / warmup_steps: a curriculum: about the first ``warmup_steps`` steps draw from
+      ``warmup_source`` instead (about: examples that do not fit the shapes are skipped).
+    chunk_probs / min_chunk_len: the reference's training-time chunk-count sampling (empty: no splitting).
+    The rest are ``BatchShapes`` fields; ``max_chunk_len`` comes from the hypernetwork config.
+    """
+
+    source: SourceConfig
+    warmup_source: SourceConfig | None = None
+    warmup_steps: int = 0
+    chunk_probs: tuple[tuple[int, float], ...] = ()
+    min_chunk_len: int = 25
+    chunks_per_context: int = 1
+    max_student_len: int = 48
+    max_labels: int = 8
+    max_teacher_len: int = 0
+
+    def __post_init__(self):
+        if self.warmup_steps < 0 or bool(self.warmup_steps) != (self.warmup_source is not None):
+            raise ValueError(f"warmup_steps={self.warmup_steps} and warmup_source must be given together (steps >= 1)")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "DataConfig":
+        d = {k: _tuples(v) for k, v in d.items()}
+        d["source"] = SourceConfig(**d["source"])
+        if d.get("warmup_source") is not None:
+            d["warmup_source"] = SourceConfig(**d["warmup_source"])
+        return cls(**d)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluatorConfig:
+    """The periodic evaluation of a run: ``name`` (a key of ``d2l_jax.eval.evaluators.EVALUATORS``) and its
+    ``options``."""
+
+    name: str
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """Everything a meta-training run needs (``eval_every``/``checkpoint_every``/``log_every`` in steps,
+    0 disables; ``time_limit_minutes`` stops training, evaluation excluded, after that long; 0 = none).
+
+    ``hypernet`` is what the checkpoint is; ``execution`` and ``base_execution`` say how the hypernetwork
+    and the frozen base model run (any checkpoint runs under any execution). ``evaluator`` (None: none)
+    is evaluated every ``eval_every`` steps.
+
+    ``init_from``: a training workdir (or its ``checkpoints`` folder) whose latest hypernetwork parameters
+    start this run, with a fresh optimizer and schedule (fine-tuning on other data, e.g. longer contexts);
+    ignored once this run has checkpoints of its own, which resume it.
+    """
+
+    model: str
+    hypernet: HypernetConfig
+    train: TrainConfig
+    data: DataConfig
+    execution: HypernetExecution = HypernetExecution()
+    base_execution: BaseExecution = BaseExecution()
+    evaluator: EvaluatorConfig | None = None
+    eval_every: int = 200
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    time_limit_minutes: float = 0.0
+    init_from: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    def batch_shapes(self) -> BatchShapes:
+        """The static shapes every training batch of this run is padded to."""
+        return BatchShapes(
+            max_chunk_len=self.hypernet.max_chunk_len,
+            chunks_per_context=self.data.chunks_per_context,
+            max_student_len=self.data.max_student_len,
+            max_labels=self.data.max_labels,
+            max_teacher_len=self.data.max_teacher_len,
+            top_k=self.train.top_k,
+        )
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "RunConfig":
+        """From ``to_json``'s layout, or the one checkpoints had before the execution configs and named
+        sources (read as the same run)."""
+        d = _upgrade_legacy(dict(d))
+        hypernet, legacy_execution = HypernetConfig.from_dict(d.pop("hypernet"))
+        execution = HypernetExecution(**{**legacy_execution, **(d.pop("execution", None) or {})})
+        evaluator = d.pop("evaluator", None)
+        return cls(
+            hypernet=hypernet,
+            train=TrainConfig(**{k: _tuples(v) for k, v in d.pop("train").items()}),
+            data=DataConfig.from_dict(d.pop("data")),
+            execution=execution,
+            base_execution=BaseExecution(**(d.pop("base_execution", None) or {})),
+            evaluator=EvaluatorConfig(evaluator["name"], {k: _tuples(v) for k, v in evaluator.get("options", {}).items()}) if evaluator else None,
+            **d,
+        )
+
+
+def _upgrade_legacy(d: dict[str, Any]) -> dict[str, Any]:
+    """The layout before named sources, evaluators and execution configs, in today's layout."""
+    if "base" in d:  # experiments' base-model execution section
+        d["base_execution"] = d.pop("base")
+    if "chunk_group_size" in d.get("train", {}):
+        d["train"] = dict(d["train"])
+        d["train"]["encoder_chunk_rows"] = d["train"].pop("chunk_group_size")
+    data = d.get("data", {})
+    if "source" in data and isinstance(data["source"], str):
+        data = dict(data)
+        source = data.pop("source")
+        bins, eval_bin, records = data.pop("niah_bins", None), data.pop("niah_eval_bin", None), data.pop("niah_records", None)
+        warmup_bins, warmup_steps = data.pop("niah_warmup_bins", ()), data.pop("niah_warmup_steps", 0)
+        contexts = d.pop("eval_contexts", 48)
+        if source == "niah":
+            data["source"] = {"name": "niah", "options": {"bins": bins, **({"records": records} if records not in (None, 1_000_000) else {})}}
+            if warmup_steps:
+                data["warmup_source"] = {"name": "niah", "options": {"bins": warmup_bins}}
+                data["warmup_steps"] = warmup_steps
+            if eval_bin is not None and d.get("eval_every"):
+                d.setdefault("evaluator", {"name": "niah", "options": {"bin": eval_bin, "contexts": contexts}})
+        else:
+            data["source"] = {"name": "records", "options": {"path": source}}
+        d["data"] = data
+    d.pop("eval_contexts", None)
+    return d
+
+
+def parse_experiment(settings: dict[str, Any]) -> RunConfig:
+    """The run an experiment file's JSON-like dict (``config.to_json()``) describes."""
+    return RunConfig.from_json(settings)

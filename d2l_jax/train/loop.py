@@ -1,14 +1,12 @@
-"""The meta-training loop: data, sharded steps, metrics, periodic NIAH evaluation, checkpoints, resume."""
+"""The meta-training loop: data, sharded steps, metrics, periodic evaluation, checkpoints, resume."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
-import signal
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import flax.linen as nn
 import jax
@@ -16,155 +14,27 @@ from tqdm.auto import tqdm
 
 from d2l_jax.api import D2L
 from d2l_jax.data.chunking import document_affixes
-from d2l_jax.data.examples import BatchShapes, ChunkSampling, TrainExampleBuilder
-from d2l_jax.data.niah import NIAHSource
-from d2l_jax.data.pipeline import RecordSource, training_batches
-from d2l_jax.eval import niah
-from d2l_jax.hypernet.config import HypernetConfig
+from d2l_jax.data.examples import ChunkSampling, TrainExampleBuilder
+from d2l_jax.data.pipeline import training_batches
+from d2l_jax.data.sources import make_sources
 from d2l_jax.hypernet.hypernet import init_hypernet
-from d2l_jax.models.base_model import BaseModel, load_base_model
+from d2l_jax.models.base_model import BaseModel
 from d2l_jax.train.checkpoint import Checkpointer, base_identity
-from d2l_jax.train.config import TrainConfig
+from d2l_jax.train.config import RunConfig
+from d2l_jax.train.metrics import MetricsWriter, StopOnSignal
 from d2l_jax.train.step import Trainer
 
 log = logging.getLogger(__name__)
 
 
-@dataclasses.dataclass(frozen=True)
-class DataConfig:
-    """Where training records come from and the static batch shapes.
+class Evaluator(Protocol):
+    """A run's periodic evaluation (``d2l_jax.eval.evaluators`` builds them from ``RunConfig.evaluator``)."""
 
-    source: ``"niah"`` (generated needle-in-a-haystack contexts, mixed equally from the token-length bins
-      ``niah_bins``; evaluated on ``niah_eval_bin``) or a ``.jsonl`` / ``.parquet`` file of
-      ``context, prompt, response`` records.
-    niah_warmup_bins / niah_warmup_steps: a curriculum; the first (about: examples that do not fit the
-      shapes are skipped) ``niah_warmup_steps`` steps draw from these bins instead of ``niah_bins``.
-    chunk_probs / min_chunk_len: the reference's training-time chunk-count sampling (empty: no splitting).
-    The rest are ``BatchShapes`` fields; ``max_chunk_len`` comes from the hypernetwork config.
-    """
+    def baseline(self) -> dict[str, float]:
+        """Metrics of the base model alone (floors and ceilings), written once at step 0."""
 
-    source: str = "niah"
-    niah_bins: tuple[tuple[int, int], ...] = ((32, 256),)
-    niah_eval_bin: tuple[int, int] = (32, 256)
-    niah_records: int = 1_000_000
-    niah_warmup_bins: tuple[tuple[int, int], ...] = ()
-    niah_warmup_steps: int = 0
-    chunk_probs: tuple[tuple[int, float], ...] = ()
-    min_chunk_len: int = 25
-    chunks_per_context: int = 1
-    max_student_len: int = 48
-    max_labels: int = 8
-    max_teacher_len: int = 0
-
-
-@dataclasses.dataclass(frozen=True)
-class RunConfig:
-    """Everything a meta-training run needs (``eval_every``/``checkpoint_every``/``log_every`` in steps,
-    0 disables; ``time_limit_minutes`` stops training, evaluation excluded, after that long; 0 = none).
-
-    ``init_from``: a training workdir (or its ``checkpoints`` folder) whose latest hypernetwork parameters
-    start this run, with a fresh optimizer and schedule (fine-tuning on other data, e.g. longer contexts);
-    ignored once this run has checkpoints of its own, which resume it.
-    """
-
-    model: str
-    hypernet: HypernetConfig
-    train: TrainConfig
-    data: DataConfig
-    eval_every: int = 200
-    eval_contexts: int = 48
-    checkpoint_every: int = 500
-    keep_checkpoints: int = 2
-    log_every: int = 10
-    time_limit_minutes: float = 0.0
-    init_from: str = ""
-
-    def to_json(self) -> dict[str, Any]:
-        return json.loads(json.dumps(dataclasses.asdict(self)))
-
-    def batch_shapes(self) -> BatchShapes:
-        """The static shapes every training batch of this run is padded to."""
-        return BatchShapes(
-            max_chunk_len=self.hypernet.max_chunk_len,
-            chunks_per_context=self.data.chunks_per_context,
-            max_student_len=self.data.max_student_len,
-            max_labels=self.data.max_labels,
-            max_teacher_len=self.data.max_teacher_len,
-            top_k=self.train.top_k,
-        )
-
-    @classmethod
-    def from_json(cls, d: dict[str, Any]) -> "RunConfig":
-        def tuples(x):
-            return tuple(tuples(v) for v in x) if isinstance(x, list) else x
-
-        parts = dict(hypernet=HypernetConfig, train=TrainConfig, data=DataConfig)
-        fields = {k: v for k, v in d.items() if k not in parts}
-        for name, kind in parts.items():
-            fields[name] = kind(**{k: tuples(v) for k, v in d[name].items()})
-        return cls(**fields)
-
-
-def training_sources(data: DataConfig, tokenizer, seed: int) -> list:
-    if data.source == "niah":
-        return [NIAHSource(tokenizer, "train", lo, hi, data.niah_records, seed=seed) for lo, hi in data.niah_bins]
-    return [RecordSource(data.source)]
-
-
-def warmup_sources(data: DataConfig, tokenizer, seed: int) -> list:
-    if data.niah_warmup_steps and (data.source != "niah" or not data.niah_warmup_bins):
-        raise ValueError(f"niah_warmup_steps={data.niah_warmup_steps} needs source='niah' and niah_warmup_bins")
-    return [NIAHSource(tokenizer, "train", lo, hi, data.niah_records, seed=seed) for lo, hi in data.niah_warmup_bins]
-
-
-class MetricsWriter:
-    """Appends metrics to ``metrics.jsonl`` and TensorBoard event files (``tb/``), from process 0 only."""
-
-    def __init__(self, workdir: Path):
-        self.enabled = jax.process_index() == 0
-        if self.enabled:
-            from tensorboardX import SummaryWriter
-
-            self.file = open(workdir / "metrics.jsonl", "a")
-            self.tb = SummaryWriter(str(workdir / "tb"))
-
-    def write(self, step: int, metrics: dict[str, float]) -> None:
-        if not self.enabled:
-            return
-        self.file.write(json.dumps({"step": step, **metrics}) + "\n")
-        self.file.flush()
-        for name, value in metrics.items():
-            self.tb.add_scalar(name, value, step)
-        self.tb.flush()
-
-    def close(self) -> None:
-        if self.enabled:
-            self.file.close()
-            self.tb.close()
-
-
-class _StopOnSignal:
-    """Turns SIGTERM (TPU preemption) into a flag the loop checks between steps."""
-
-    def __init__(self):
-        self.requested = False
-
-    def __enter__(self):
-        self.previous = signal.signal(signal.SIGTERM, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        log.warning("SIGTERM: saving a checkpoint and stopping")
-        self.requested = True
-
-    def __exit__(self, *exc):
-        signal.signal(signal.SIGTERM, self.previous)
-
-
-def evaluate(base: BaseModel, hyper: HypernetConfig, params, records) -> dict[str, float]:
-    """NIAH exact match of the student without the document in the prompt."""
-    replies = niah.student_replies(D2L(base, hyper, params), records)
-    return {"eval/student_exact_match": niah.exact_match(replies, records), "eval/example_reply": replies[0]}
+    def __call__(self, d2l: D2L) -> dict[str, Any]:
+        """Metrics of the hypernetwork being trained; floats are written, other values only returned."""
 
 
 def training_batch_stream(run: RunConfig, base: BaseModel):
@@ -180,8 +50,9 @@ def training_batch_stream(run: RunConfig, base: BaseModel):
     )
     shapes = run.batch_shapes()
     rows = run.train.batch_size // jax.process_count()
+    warmup = run.data.warmup_source
     return training_batches(
-        training_sources(run.data, tokenizer, run.train.seed),
+        make_sources(run.data.source, tokenizer, run.train.seed),
         builder,
         shapes,
         rows,
@@ -189,8 +60,8 @@ def training_batch_stream(run: RunConfig, base: BaseModel):
         seed=run.train.seed,
         shard_index=jax.process_index(),
         shard_count=jax.process_count(),
-        warmup_sources=warmup_sources(run.data, tokenizer, run.train.seed),
-        warmup_records=run.data.niah_warmup_steps * rows * run.train.grad_accum_steps,
+        warmup_sources=make_sources(warmup, tokenizer, run.train.seed) if warmup else (),
+        warmup_records=run.data.warmup_steps * rows * run.train.grad_accum_steps,
     )
 
 
@@ -215,19 +86,25 @@ def initial_params(init_from: str | Path, trainer: Trainer, identity: dict[str, 
         checkpoints.close()
 
 
-def train(run: RunConfig, workdir: str | Path, base: BaseModel | None = None, stop_after: int | None = None) -> dict[str, Any]:
+def train(
+    run: RunConfig,
+    workdir: str | Path,
+    base: BaseModel | None = None,
+    evaluator: Evaluator | None = None,
+    stop_after: int | None = None,
+) -> dict[str, Any]:
     """Runs (or resumes) meta-training in ``workdir``; returns the final metrics.
 
-    ``base`` defaults to loading ``run.model``; ``stop_after`` ends this call (with a checkpoint) after
-    that many steps, so training can continue later from the same workdir.
+    ``base`` defaults to loading ``run.model`` as ``run.base_execution`` says; ``evaluator`` (None: no
+    evaluation) runs every ``run.eval_every`` steps and at the end; ``stop_after`` ends this call (with a
+    checkpoint) after that many steps, so training can continue later from the same workdir.
     Writes ``config.json``, ``metrics.jsonl``, TensorBoard events under ``tb/`` and checkpoints under
     ``checkpoints/`` (resumed from the latest one when present).
     """
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    base = base or load_base_model(run.model)
-    tokenizer = base._require_tokenizer()
-    trainer = Trainer(run.hypernet, base.config, run.train)
+    base = base or run.base_execution.load(run.model)
+    trainer = Trainer(run.hypernet, base.config, run.train, execution=run.execution)
     base_params = trainer.put_base_params(base.params)
     identity = base_identity(run.model, base.config, base.params)
 
@@ -245,13 +122,9 @@ def train(run: RunConfig, workdir: str | Path, base: BaseModel | None = None, st
     (workdir / "config.json").write_text(json.dumps(run.to_json(), indent=2))
     writer = MetricsWriter(workdir)
 
-    eval_records = []
-    if run.eval_every and run.data.source == "niah":
-        val = NIAHSource(tokenizer, "val", *run.data.niah_eval_bin, run.eval_contexts, seed=run.train.seed)
-        eval_records = [val[i] for i in range(len(val))]
-        if step == 0:
-            floor = niah.exact_match(niah.base_replies(base, eval_records, with_context=False), eval_records)
-            writer.write(0, {"eval/base_without_document_exact_match": floor})
+    evaluates = evaluator is not None and run.eval_every > 0
+    if evaluates and step == 0:
+        writer.write(0, evaluator.baseline())
 
     saved_at = checkpoints.latest_step()
 
@@ -269,13 +142,13 @@ def train(run: RunConfig, workdir: str | Path, base: BaseModel | None = None, st
 
     def run_eval() -> None:
         nonlocal evaluated_at
-        result = evaluate(base, run.hypernet, state.params, eval_records)
+        result = evaluator(D2L(base, run.hypernet, state.params, run.execution))
         writer.write(step, {k: v for k, v in result.items() if isinstance(v, float)})
         log.info("step %d: %s", step, result)
         summary.update(result)
         evaluated_at = step
 
-    with _StopOnSignal() as stop, tqdm(total=run.train.steps, initial=step, desc="meta-training", disable=jax.process_index() != 0) as bar:
+    with StopOnSignal() as stop, tqdm(total=run.train.steps, initial=step, desc="meta-training", disable=jax.process_index() != 0) as bar:
         while step < last_step and not stop.requested and trained_seconds < limit:
             batch = next(batches)
             window_steps += 1
@@ -298,13 +171,13 @@ def train(run: RunConfig, workdir: str | Path, base: BaseModel | None = None, st
                 bar.set_postfix(loss=f"{metrics['loss']:.3f}")
                 summary.update(metrics)
                 window_start, window_steps, window_tokens = time.perf_counter(), 0, 0
-            if eval_records and step % run.eval_every == 0:
+            if evaluates and step % run.eval_every == 0:
                 eval_start = time.perf_counter()
                 run_eval()
                 window_start += time.perf_counter() - eval_start  # evaluation is not training time
             if run.checkpoint_every and step % run.checkpoint_every == 0:
                 save()
-        if eval_records and evaluated_at != step:
+        if evaluates and evaluated_at != step:
             run_eval()
         save(force=True)
         checkpoints.wait()

@@ -1,4 +1,6 @@
-"""The optimiser: AdamW with the reference's weight-decay exclusions, warmup + cosine, clipping."""
+"""The optimiser: AdamW with the reference's weight-decay exclusions, warmup + cosine, clipping.
+
+``adamw`` and ``cosine_schedule`` are shared with per-document context distillation (``d2l_jax.baselines``)."""
 
 from __future__ import annotations
 
@@ -12,15 +14,30 @@ from d2l_jax.train.config import TrainConfig
 NO_DECAY = ("norm", "scaler", "bias", "latents_q", "input_mean")
 
 
+def cosine_schedule(peak: float, steps: int, warmup_steps: int = 0, end_value: float = 0.0) -> optax.Schedule:
+    """Step count -> learning rate: 0 -> ``peak`` linearly over ``warmup_steps``, then cosine down to
+    ``end_value`` at ``steps`` (and constant after). Raises ValueError unless ``warmup_steps < steps``."""
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=peak, warmup_steps=warmup_steps, decay_steps=steps, end_value=end_value
+    )
+
+
 def learning_rate_schedule(config: TrainConfig) -> optax.Schedule:
     """0 -> ``learning_rate`` linearly over the warmup, then cosine down to ``min_learning_rate`` at ``steps``."""
-    return optax.warmup_cosine_decay_schedule(
-        init_value=0.0,
-        peak_value=config.learning_rate,
-        warmup_steps=config.warmup_steps,
-        decay_steps=config.steps,
-        end_value=config.min_learning_rate,
-    )
+    return cosine_schedule(config.learning_rate, config.steps, config.warmup_steps, config.min_learning_rate)
+
+
+def adamw(
+    learning_rate: optax.ScalarOrSchedule, *, b1: float, b2: float, eps: float, weight_decay: float, mask=None
+) -> optax.GradientTransformation:
+    """Torch's AdamW: ``param -= lr * (adam(grad) + weight_decay * param)``, the decay decoupled from the
+    gradient (and applied only where ``mask`` says, if given).
+
+    ``learning_rate`` is a float, a schedule of the step count, or a traced scalar: a jitted step that
+    builds the optimizer from its learning-rate argument compiles once for every schedule (the optimizer
+    state does not depend on the rate).
+    """
+    return optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=mask)
 
 
 def weight_decay_mask(params) -> dict:
@@ -39,7 +56,7 @@ def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
     """Clipping, AdamW, then the Perceiver's updates scaled by ``perceiver_lr_scale``."""
     return optax.chain(
         optax.clip_by_global_norm(config.max_grad_norm),
-        optax.adamw(
+        adamw(
             learning_rate_schedule(config),
             b1=config.b1,
             b2=config.b2,

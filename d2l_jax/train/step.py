@@ -26,12 +26,13 @@ import optax
 from flax import struct
 
 from d2l_jax import sharding
-from d2l_jax.hypernet.config import HypernetConfig
+from d2l_jax.hypernet.config import HypernetConfig, HypernetExecution
 from d2l_jax.hypernet.hypernet import batch_centered_document_adapters, document_adapters, init_hypernet
-from d2l_jax.models.decoder import Decoder, late_lora_logits
+from d2l_jax.models.decoder import Decoder
 from d2l_jax.models.families import DecoderConfig
 from d2l_jax.train import losses
 from d2l_jax.train.config import TrainConfig
+from d2l_jax.train.distillation import DistillationLoss, label_logits, teacher_targets
 from d2l_jax.train.flops import train_step_flops
 from d2l_jax.train.optimizer import learning_rate_schedule, make_optimizer
 
@@ -45,33 +46,18 @@ class TrainState:
     opt_state: Any
 
 
-def _positions(mask):
-    return jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
-
-
-def label_logits(base: DecoderConfig, base_params, tokens, mask, label_positions, lora=None, first_adapted_layer: int = 0):
-    """The base model's float32 logits ``[B, P, V]`` at ``label_positions`` only (with ``lora`` if given).
-
-    A ``lora`` that is zero below ``first_adapted_layer`` lets the layers below run outside the gradient.
-    """
-    if lora is not None and first_adapted_layer:
-        return late_lora_logits(base, base_params, tokens, mask, label_positions, lora, first_adapted_layer)
-    out = Decoder(base).apply(
-        {"params": base_params}, tokens, _positions(mask), mask, lora=lora, logit_positions=label_positions
-    )
-    return out.logits
-
-
-def micro_batch_loss(params, base_params, batch, *, hyper: HypernetConfig, base: DecoderConfig, train: TrainConfig):
+def micro_batch_loss(
+    params, base_params, batch, *, hyper: HypernetConfig, base: DecoderConfig, train: TrainConfig, execution: HypernetExecution = HypernetExecution()
+):
     """(total loss, metrics) of one micro-batch; gradients flow into ``params`` only.
 
     With ``center_head_input`` (and the mean not frozen) the metrics carry ``head_input_mean``, the batch
     mean the head centred on."""
     base_params = jax.lax.stop_gradient(base_params)
     chunks, length = batch["ctx_tokens"].shape
-    group = train.chunk_group_size or chunks
+    group = train.encoder_chunk_rows or chunks
     if chunks % group:
-        raise ValueError(f"train.chunk_group_size={group} does not divide the {chunks} chunk rows of a micro-batch")
+        raise ValueError(f"train.encoder_chunk_rows={group} does not divide the {chunks} chunk rows of a micro-batch")
     chunks = (
         batch["ctx_tokens"].reshape(-1, group, length),
         batch["ctx_mask"].reshape(-1, group, length),
@@ -80,36 +66,29 @@ def micro_batch_loss(params, base_params, batch, *, hyper: HypernetConfig, base:
         batch["num_chunks"],
     )
     if hyper.center_head_input and not train.freeze_head_input_mean:
-        lora, mean = batch_centered_document_adapters(hyper, base, base_params, params, *chunks)
+        lora, mean = batch_centered_document_adapters(hyper, base, base_params, params, *chunks, execution=execution)
         aux = {"head_input_mean": mean}
     else:
-        lora, aux = document_adapters(hyper, base, base_params, params, *chunks), {}
+        lora, aux = document_adapters(hyper, base, base_params, params, *chunks, execution=execution), {}
     first_adapted = base.num_layers - hyper.num_adapted(base)
     logits = label_logits(base, base_params, batch["tokens"], batch["mask"], batch["label_positions"], lora, first_adapted)
     mask = batch["label_mask"]
-    if train.loss == "ce":
-        distill = losses.cross_entropy(logits, batch["labels"], mask)
-    else:
-        if train.teacher == "online":
-            teacher = jax.lax.stop_gradient(
-                label_logits(base, base_params, batch["teacher_tokens"], batch["teacher_mask"], batch["teacher_label_positions"])
-            )
-        if train.loss == "full_kl":
-            distill = losses.full_kl(logits, teacher, mask)
-        else:
-            if train.teacher == "online":
-                log_probs, ids = losses.top_k_targets(teacher, train.top_k)
-            else:
-                log_probs, ids = batch["teacher_log_probs"], batch["teacher_ids"]
-            distill = losses.top_k_kl(logits, log_probs, ids, mask)
+    distillation = DistillationLoss(train.loss, train.top_k)
+    targets = batch  # labels, and the offline teacher's targets
+    if train.teacher == "online" and distillation.uses_teacher:
+        targets = teacher_targets(
+            base, base_params, batch["teacher_tokens"], batch["teacher_mask"], batch["teacher_label_positions"], distillation
+        )
+    distill = distillation.loss(logits, targets, mask)
     l1 = losses.lora_l1(lora, batch["num_chunks"], hyper.lora_rank, hyper.use_bias)
     total = distill + train.l1_coef * l1
     return total, {"loss": total, "distill": distill, "l1": l1, "label_tokens": mask.sum(), **aux}
 
 
-def train_step(state: TrainState, base_params, batch, *, hyper, base, train, optimizer):
+def train_step(state: TrainState, base_params, batch, *, hyper, base, train, optimizer, execution):
     """One optimizer update from ``A`` micro-batches (gradients and metrics averaged over them)."""
-    grad_fn = jax.value_and_grad(functools.partial(micro_batch_loss, hyper=hyper, base=base, train=train), has_aux=True)
+    loss = functools.partial(micro_batch_loss, hyper=hyper, base=base, train=train, execution=execution)
+    grad_fn = jax.value_and_grad(loss, has_aux=True)
 
     def grads_and_metrics(micro):
         (_, metrics), grads = grad_fn(state.params, base_params, micro)
@@ -154,9 +133,16 @@ class Trainer:
     (batches have static shapes); a batch of other shapes is an error.
     """
 
-    def __init__(self, hyper: HypernetConfig, base: DecoderConfig, train: TrainConfig, mesh: jax.sharding.Mesh | None = None):
+    def __init__(
+        self,
+        hyper: HypernetConfig,
+        base: DecoderConfig,
+        train: TrainConfig,
+        mesh: jax.sharding.Mesh | None = None,
+        execution: HypernetExecution = HypernetExecution(),
+    ):
         hyper.check_base(base)
-        self.hyper, self.base, self.train = hyper, base, train
+        self.hyper, self.base, self.train, self.execution = hyper, base, train, execution
         self.mesh = mesh if mesh is not None else sharding.make_mesh(dict(train.mesh))
         self.optimizer = make_optimizer(train)
         rows = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
@@ -178,7 +164,7 @@ class Trainer:
         self.batch_sharding = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(None, ("data", "fsdp")))
         self.replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
 
-        step = functools.partial(train_step, hyper=hyper, base=base, train=train, optimizer=self.optimizer)
+        step = functools.partial(train_step, hyper=hyper, base=base, train=train, optimizer=self.optimizer, execution=execution)
         self._step = jax.jit(
             step,
             in_shardings=(self.state_shardings, self.base_shardings, self.batch_sharding),

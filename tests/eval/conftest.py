@@ -17,7 +17,7 @@ TINY_BASE = DecoderConfig(
 )
 TINY_HYPER = d2l_jax.HypernetConfig(
     encoder_type="early_exit", latent_size=32, n_latent_queries=4, num_blocks=1, num_heads=4, head_dim=8, num_kv_heads=2,
-    lora_rank=2, max_chunk_len=64, max_chunks=2, chunk_group_size=2,
+    lora_rank=2, max_chunk_len=64, max_chunks=2,
 )
 
 
@@ -27,4 +27,4 @@ def tiny_d2l(smollm2):
     tokens = jnp.zeros((1, 1), jnp.int32)
     params = nn.unbox(Decoder(TINY_BASE).init(jax.random.key(1), tokens, tokens, tokens + 1))["params"]
     base = BaseModel("tiny", TINY_BASE, params, smollm2.tokenizer, smollm2.stop_token_ids)
-    return randomized(d2l_jax.D2L.create(base, TINY_HYPER, seed=0))
+    return randomized(d2l_jax.D2L.create(base, TINY_HYPER, seed=0, execution=d2l_jax.HypernetExecution(chunk_group_size=2)))

@@ -10,7 +10,8 @@ import pytest
 import d2l_jax
 from d2l_jax.data.examples import student_messages
 from d2l_jax.data.niah import needle_index_range
-from d2l_jax.eval import long_context as lc
+from d2l_jax.eval.in_context import truncate_middle
+from d2l_jax.hypernet.adapter import delta_weights, segmented_adapter
 from d2l_jax.eval import sweep
 from d2l_jax.eval.efficiency import kv_cache_bytes
 from tests.eval.conftest import TINY_BASE, TINY_HYPER
@@ -159,23 +160,26 @@ def test_settings_are_checked():
 
 @pytest.mark.parametrize("dense_above_rank", [None, 0], ids=["concatenated", "factorised"])
 def test_long_internalization_equals_one_pass(tiny_d2l, dense_above_rank):
-    roomy = d2l_jax.D2L(tiny_d2l.base, TINY_HYPER.replace(max_chunks=16), tiny_d2l.params)
+    roomy = d2l_jax.D2L(tiny_d2l.base, TINY_HYPER.replace(max_chunks=16), tiny_d2l.params, tiny_d2l.execution)
     one_pass = roomy.internalize(DOC, scaler=0.7, bias_scaler=1.3)
     assert one_pass.num_chunks > TINY_HYPER.max_chunks
-    with pytest.raises(ValueError, match="max_chunks"):
-        tiny_d2l.internalize(DOC)
     tiny_d2l.reset()
-    long = lc.internalize_long(tiny_d2l, DOC, scaler=0.7, bias_scaler=1.3, segment_chunks=3, dense_above_rank=dense_above_rank)
+    [by_default] = tiny_d2l.adapters([DOC], scaler=0.7, bias_scaler=1.3)  # too long for one pass: segments
     assert tiny_d2l.adapter is None  # the current adapter is not touched
-    assert (long.num_chunks, long.num_tokens) == (one_pass.num_chunks, one_pass.num_tokens)
+    chunks, tokens = tiny_d2l.document_chunks(DOC)
+    base = tiny_d2l.base
+    long = segmented_adapter(
+        tiny_d2l.config, tiny_d2l.execution, base.config, base.params, tiny_d2l.params, chunks, tokens, 0.7, 1.3,
+        segment_chunks=3, dense_above_rank=dense_above_rank,
+    )
     d_in, d_out = TINY_BASE.projection_shapes()["down_proj"]
     expected_rank = one_pass.rank if dense_above_rank is None else min(d_in, d_out)
     assert long.rank == expected_rank and long.A["down_proj"].shape[2] >= expected_rank
-    np.testing.assert_allclose(lc.delta_weights(long, "down_proj"), lc.delta_weights(one_pass, "down_proj"), rtol=1e-4, atol=1e-6)
-    ids = tiny_d2l.base.chat_ids(student_messages("Where is the vault?"))
-    np.testing.assert_allclose(
-        tiny_d2l.logits([ids], adapter=long), roomy.logits([ids], adapter=one_pass), rtol=1e-4, atol=1e-4
-    )
+    ids = base.chat_ids(student_messages("Where is the vault?"))
+    for adapter in (long, by_default):
+        assert (adapter.num_chunks, adapter.num_tokens) == (one_pass.num_chunks, one_pass.num_tokens)
+        np.testing.assert_allclose(delta_weights(adapter, "down_proj"), delta_weights(one_pass, "down_proj"), rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(tiny_d2l.logits([ids], adapter=adapter), roomy.logits([ids], adapter=one_pass), rtol=1e-4, atol=1e-4)
 
 
 def test_generate_ids_refuses_a_prompt_past_the_window(tiny_d2l):
@@ -187,14 +191,14 @@ def test_generate_ids_refuses_a_prompt_past_the_window(tiny_d2l):
 
 def test_truncate_middle_keeps_both_ends():
     ids = list(range(20))
-    assert lc.truncate_middle(ids, window=12, max_new_tokens=2) == [0, 1, 2, 3, 4, 15, 16, 17, 18, 19]
-    assert lc.truncate_middle(ids, window=12, max_new_tokens=3) == [0, 1, 2, 3, 16, 17, 18, 19]
-    assert lc.truncate_middle(ids, window=22, max_new_tokens=2) == ids  # fits: unchanged
+    assert truncate_middle(ids, window=12, max_new_tokens=2) == [0, 1, 2, 3, 4, 15, 16, 17, 18, 19]
+    assert truncate_middle(ids, window=12, max_new_tokens=3) == [0, 1, 2, 3, 16, 17, 18, 19]
+    assert truncate_middle(ids, window=22, max_new_tokens=2) == ids  # fits: unchanged
     # The reference's numbers: 8192 window, 256 new tokens -> the first and last 3968 tokens.
-    cut = lc.truncate_middle(list(range(10_000)), window=8192, max_new_tokens=256)
+    cut = truncate_middle(list(range(10_000)), window=8192, max_new_tokens=256)
     assert cut[:3968] == list(range(3968)) and cut[3968:] == list(range(10_000 - 3968, 10_000))
     with pytest.raises(ValueError, match="no room"):
-        lc.truncate_middle(ids, window=4, max_new_tokens=4)
+        truncate_middle(ids, window=4, max_new_tokens=4)
 
 
 def test_kv_cache_bytes_by_hand(smollm2):

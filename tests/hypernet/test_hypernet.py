@@ -33,8 +33,8 @@ TINY_HYPER = d2l_jax.HypernetConfig(
     target_modules=("q_proj", "down_proj"),
     max_chunk_len=40,
     max_chunks=6,
-    chunk_group_size=2,
 )
+TINY_EXECUTION = d2l_jax.HypernetExecution(chunk_group_size=2)
 DOCS = [
     "The vault code is 4817 and the vault is in Lisbon, near the river.",
     "Marie planted tulips in March. They bloomed red and yellow in late April, " * 3,
@@ -84,7 +84,7 @@ def tiny_base(smollm2):
 
 @pytest.fixture(scope="module")
 def tiny_d2l(tiny_base):
-    return randomized(d2l_jax.D2L.create(tiny_base, TINY_HYPER, seed=0))
+    return randomized(d2l_jax.D2L.create(tiny_base, TINY_HYPER, seed=0, execution=TINY_EXECUTION))
 
 
 def dense_delta(a, b, alpha):
@@ -157,8 +157,8 @@ def test_padding_does_not_change_a_chunk(tiny_d2l):
 def test_iterative_mode_equals_batched_mode(tiny_d2l, encoder_type):
     config = tiny_d2l.config.replace(encoder_type=encoder_type)
     params = nn.unbox(hn.init_hypernet(config, tiny_d2l.base.config, jax.random.key(5)))
-    batched = d2l_jax.D2L(tiny_d2l.base, config, params).internalize(DOCS[1])
-    iterative = d2l_jax.D2L(tiny_d2l.base, config.replace(iterative=True), params).internalize(DOCS[1])
+    batched = d2l_jax.D2L(tiny_d2l.base, config, params, TINY_EXECUTION).internalize(DOCS[1])
+    iterative = d2l_jax.D2L(tiny_d2l.base, config, params, TINY_EXECUTION.replace(iterative=True)).internalize(DOCS[1])
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-5), batched.lora, iterative.lora)
 
 
@@ -226,8 +226,6 @@ def test_bad_documents_and_configs(tiny_d2l, tiny_base):
         tiny_d2l.internalize(5)
     with pytest.raises(TypeError, match="must be a str, got bytes"):
         tiny_d2l.internalize([b"bytes"])
-    with pytest.raises(ValueError, match=r"chunks of <= 40; the configured maximum is max_chunks=6"):
-        tiny_d2l.internalize("word " * 400)
     with pytest.raises(ValueError, match="unknown target modules"):
         d2l_jax.HypernetConfig(target_modules=("lm_head",))
     with pytest.raises(ValueError, match=r"early_exit_layer=9 outside 1..4"):
@@ -249,7 +247,7 @@ def test_chunks_respect_max_chunk_len_and_cover_the_document(tiny_d2l):
 
 
 def test_documents_in_one_bucket_compile_once(tiny_d2l, monkeypatch):
-    from d2l_jax import api
+    from d2l_jax.hypernet import adapter
 
     traces = []
 
@@ -258,7 +256,7 @@ def test_documents_in_one_bucket_compile_once(tiny_d2l, monkeypatch):
         traces.append(1)
         return hn.document_adapters(*args, **kwargs)
 
-    monkeypatch.setattr(api, "_document_adapters", jax.jit(counted, static_argnames=("config", "base")))
+    monkeypatch.setattr(adapter, "_document_adapters", jax.jit(counted, static_argnames=("config", "base", "execution")))
     first = tiny_d2l.internalize("The vault code is 4817, and the vault is old.")
     second = tiny_d2l.internalize("The vault code is 4817, and the vault is old and red.")
     assert first.num_tokens != second.num_tokens and first.num_chunks == second.num_chunks == 1
@@ -370,10 +368,10 @@ def _np_resampler(context, mask, p, c, num_layers):
 def test_perceiver_matches_reference_formulas(n_latents, unroll):
     from d2l_jax.hypernet.perceiver import Perceiver
 
-    config = TINY_HYPER.replace(n_latent_queries=n_latents, scan_unroll=unroll)
+    config = TINY_HYPER.replace(n_latent_queries=n_latents)
     features = np.asarray(jax.random.normal(jax.random.key(3), (2, 9, 48)))
     mask = np.arange(9)[None] < np.array([[9], [5]])
-    perceiver = Perceiver(config, num_outputs=6)
+    perceiver = Perceiver(config, num_outputs=6, execution=d2l_jax.HypernetExecution(scan_unroll=unroll))
     params = perceiver.init(jax.random.key(4), features, mask)["params"]
     params = jax.tree.map(lambda x: np.asarray(x) + 0.1 * np.random.default_rng(0).standard_normal(x.shape), nn.unbox(params))
     p = jax.tree.map(np.asarray, params)

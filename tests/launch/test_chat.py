@@ -10,7 +10,6 @@ import pytest
 
 import d2l_jax
 from d2l_jax.data.examples import student_messages
-from d2l_jax.eval.long_context import all_document_chunks
 from d2l_jax.models.base_model import BaseModel
 from d2l_jax.models.decoder import Decoder
 from d2l_jax.models.families import DecoderConfig
@@ -21,7 +20,7 @@ TINY_BASE = DecoderConfig(
 )
 TINY_HYPER = d2l_jax.HypernetConfig(
     encoder_type="early_exit", latent_size=32, n_latent_queries=4, num_blocks=1, num_heads=4, head_dim=8, num_kv_heads=2,
-    lora_rank=2, max_chunk_len=64, max_chunks=2, chunk_group_size=2,
+    lora_rank=2, max_chunk_len=64, max_chunks=2,
 )
 FIRST = "The vault code is 4817 and the vault is in Lisbon, near the river. " * 6
 SECOND = "Marie planted tulips in March. They bloomed red and yellow in late April."
@@ -59,7 +58,7 @@ def test_commands_change_the_session(tiny_d2l, docs):
     session = ChatSession(tiny_d2l, max_new_tokens=8)
     text, go_on = session.handle(f"/doc {first}")
     assert go_on and text.startswith(f"[internalized {first}")
-    chunks, tokens = all_document_chunks(tiny_d2l, FIRST)
+    chunks, tokens = tiny_d2l.document_chunks(FIRST)
     assert len(chunks) > TINY_HYPER.max_chunks  # a document longer than one pass of the hypernetwork
     assert (session.adapter.num_tokens, session.adapter.num_chunks) == (tokens, len(chunks))
     unscaled = np.asarray(session.adapter.A["down_proj"])
@@ -82,7 +81,7 @@ def test_commands_change_the_session(tiny_d2l, docs):
 
     session.handle(f"/doc {second}")
     assert session.document == SECOND and session.document_name == str(second)
-    assert session.adapter.num_tokens == all_document_chunks(tiny_d2l, SECOND)[1]
+    assert session.adapter.num_tokens == tiny_d2l.document_chunks(SECOND)[1]
     assert session.scale == 2.5  # the scaler carries over to the next document
     assert tiny_d2l.adapter is None  # the session passes its adapter explicitly; the D2L's stays unset
 

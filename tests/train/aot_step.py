@@ -5,12 +5,13 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # compile-only: no TPU is opened, libtpu may be shared
 
 from d2l_jax import sharding  # noqa: E402
 from d2l_jax.train import aot  # noqa: E402
-from d2l_jax.train.config import TrainConfig  # noqa: E402
-from d2l_jax.train.experiment import BaseExecution  # noqa: E402
-from d2l_jax.train.loop import DataConfig, RunConfig  # noqa: E402
+from d2l_jax.data.sources import SourceConfig  # noqa: E402
+from d2l_jax.models.base_model import BaseExecution  # noqa: E402
+from d2l_jax.train.config import DataConfig, RunConfig, TrainConfig  # noqa: E402
 from tests.train.conftest import BASE, HYPER  # noqa: E402
 
 TOPOLOGY = "v5e:2x2"
@@ -22,10 +23,11 @@ def main():
         model="tiny",
         hypernet=HYPER,
         train=TrainConfig(loss="top_k_kl", teacher="offline", batch_size=4, grad_accum_steps=2, warmup_steps=0, steps=10),
-        data=DataConfig(chunks_per_context=2, max_student_len=12, max_labels=3),
+        data=DataConfig(SourceConfig("niah", {"bins": ((32, 256),)}), chunks_per_context=2, max_student_len=12, max_labels=3),
+        base_execution=BaseExecution(param_dtype="bfloat16", remat_policy="full"),
     )
     mesh = sharding.make_mesh({"fsdp": 2, "tensor": 2}, devices)
-    step = aot.compile_train_step(run, BASE, BaseExecution(param_dtype="bfloat16", remat_policy="full"), mesh)
+    step = aot.compile_train_step(run, BASE, mesh)
     report = aot.compile_report(step, chip, TOPOLOGY, run.train.steps)
     # The Perceiver MLP kernel [blocks, latent, latent_mlp]: latent -> fsdp, latent_mlp -> tensor.
     kernel = step.state.params["perceiver"]["encoder"]["layers"]["mlp"]["gate_proj"]["kernel"]

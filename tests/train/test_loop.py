@@ -18,8 +18,9 @@ from d2l_jax.hypernet.config import HypernetConfig
 from d2l_jax.models.decoder import Decoder
 from d2l_jax.models.families import DecoderConfig
 from d2l_jax.train.checkpoint import CheckpointCorruptError, CheckpointMismatchError
-from d2l_jax.train.config import TrainConfig
-from d2l_jax.train.loop import DataConfig, RunConfig, train
+from d2l_jax.data.sources import SourceConfig
+from d2l_jax.train.config import DataConfig, RunConfig, TrainConfig
+from d2l_jax.train.loop import train
 
 BASE = DecoderConfig(vocab_size=49152, hidden_size=64, intermediate_size=96, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=512)
 RUN = RunConfig(
@@ -29,7 +30,7 @@ RUN = RunConfig(
         lora_rank=2, max_chunk_len=64, max_chunks=2,
     ),
     train=TrainConfig(loss="ce", learning_rate=1e-3, warmup_steps=1, steps=6, batch_size=2, seed=0),
-    data=DataConfig(niah_bins=((8, 37),), niah_eval_bin=(8, 37), max_student_len=36, max_labels=8),
+    data=DataConfig(SourceConfig("niah", {"bins": ((8, 37),)}), max_student_len=36, max_labels=8),
     eval_every=0,
     checkpoint_every=0,
     log_every=1,

@@ -13,8 +13,9 @@ from d2l_jax.hypernet.head import LoRAHead
 from d2l_jax.hypernet.hypernet import layer_latents
 from d2l_jax.train import losses
 from d2l_jax.train.config import TrainConfig
+from d2l_jax.train.distillation import label_logits
 from d2l_jax.train.optimizer import learning_rate_schedule, weight_decay_mask
-from d2l_jax.train.step import HEAD_INPUT_MOMENTUM, Trainer, label_logits, micro_batch_loss
+from d2l_jax.train.step import HEAD_INPUT_MOMENTUM, Trainer, micro_batch_loss
 from tests.train.conftest import BASE, HYPER, random_batch
 
 SGD_LIKE = dict(warmup_steps=0, steps=100, learning_rate=1e-3, min_learning_rate=1e-3)
@@ -95,7 +96,7 @@ def test_chunk_groups_skip_padding_without_changing_the_step(base_params):
     micro = jax.tree.map(lambda x: x[0], batch)
     results = []
     for group in (0, 2):
-        fn = functools.partial(micro_batch_loss, hyper=hyper, base=BASE, train=TrainConfig(loss="ce", chunk_group_size=group))
+        fn = functools.partial(micro_batch_loss, hyper=hyper, base=BASE, train=TrainConfig(loss="ce", encoder_chunk_rows=group))
         results.append(jax.jit(jax.value_and_grad(fn, has_aux=True))(params, base_params, micro))
     (loss, metrics), grads = results[0]
     (grouped_loss, grouped_metrics), grouped_grads = results[1]
@@ -103,8 +104,8 @@ def test_chunk_groups_skip_padding_without_changing_the_step(base_params):
     assert optax.tree.norm(grads) > 0
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6), grouped_grads, grads)
     np.testing.assert_allclose(grouped_metrics["head_input_mean"], metrics["head_input_mean"], rtol=1e-5, atol=1e-6)
-    with pytest.raises(ValueError, match="chunk_group_size=4 does not divide the 6 chunk rows"):
-        fn = functools.partial(micro_batch_loss, hyper=hyper, base=BASE, train=TrainConfig(loss="ce", chunk_group_size=4))
+    with pytest.raises(ValueError, match="encoder_chunk_rows=4 does not divide the 6 chunk rows"):
+        fn = functools.partial(micro_batch_loss, hyper=hyper, base=BASE, train=TrainConfig(loss="ce", encoder_chunk_rows=4))
         fn(params, base_params, micro)
 
 

@@ -13,7 +13,9 @@ from typing import Callable, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import linen as nn
 
+from d2l_jax.models.decoder import Decoder
 from d2l_jax.models.families import DecoderConfig
 
 # (Hugging Face name, parameter path, transpose). "{i}" is the layer index.
@@ -40,10 +42,6 @@ _IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
 
 def expected_param_shapes(config: DecoderConfig) -> dict:
     """The parameter tree's shapes (``jax.ShapeDtypeStruct`` leaves), from the model alone."""
-    from flax import linen as nn
-
-    from d2l_jax.models.decoder import Decoder
-
     tokens = jnp.zeros((1, 1), jnp.int32)
     shapes = jax.eval_shape(lambda: Decoder(config).init(jax.random.key(0), tokens, tokens, tokens + 1))
     return nn.unbox(shapes)["params"]

@@ -1,0 +1,60 @@
+"""Named sources of ``{"context", "prompt", "response"}`` training records, chosen by a run's config.
+
+A source is a name in :data:`SOURCES` and its options:
+
+  niah     generated needle-in-a-haystack contexts, mixed equally from token-length bins.
+           Options: ``bins`` (``((lo, hi), ...)``, required), ``records`` (per bin, default 1,000,000),
+           ``split`` (``"train"``).
+  records  a JSON Lines (``.jsonl``) or parquet (``.parquet``) file of records. Options: ``path`` (required).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping
+
+from d2l_jax.data.niah import NIAHSource
+from d2l_jax.data.pipeline import RecordSource
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceConfig:
+    """A record source: ``name`` (a key of :data:`SOURCES`) and that source's ``options``."""
+
+    name: str
+    options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.name not in SOURCES:
+            raise ValueError(f"unknown data source {self.name!r}; known: {sorted(SOURCES)}")
+        options = {k: _tuples(v) for k, v in self.options.items()}
+        required, optional = _OPTIONS[self.name]
+        missing, unknown = set(required) - set(options), set(options) - set(required) - set(optional)
+        if missing or unknown:
+            raise ValueError(
+                f"data source {self.name!r}: missing options {sorted(missing)}, unknown options {sorted(unknown)}; "
+                f"it takes {sorted(required)} and optionally {sorted(optional)}"
+            )
+        object.__setattr__(self, "options", options)
+
+
+def _tuples(x):
+    return tuple(_tuples(v) for v in x) if isinstance(x, list) else x
+
+
+def _niah(tokenizer, seed: int, bins, records: int = 1_000_000, split: str = "train") -> list[NIAHSource]:
+    return [NIAHSource(tokenizer, split, int(lo), int(hi), records, seed=seed) for lo, hi in bins]
+
+
+def _records(tokenizer, seed: int, path: str) -> list[RecordSource]:
+    del tokenizer, seed  # the file holds finished records
+    return [RecordSource(path)]
+
+
+SOURCES: dict[str, Callable[..., list]] = {"niah": _niah, "records": _records}
+_OPTIONS = {"niah": (("bins",), ("records", "split")), "records": (("path",), ())}
+
+
+def make_sources(source: SourceConfig, tokenizer, seed: int) -> list:
+    """The random-access record sources ``source`` names (mixed in equal proportions by the pipeline)."""
+    return SOURCES[source.name](tokenizer, seed, **source.options)

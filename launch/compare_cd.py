@@ -19,6 +19,11 @@ from pathlib import Path
 import numpy as np
 from absl import app, flags
 
+from d2l_jax.api import D2L
+from d2l_jax.data.niah import cell_records
+from d2l_jax.eval import plots
+from d2l_jax.eval.cd_comparison import compare_with_cd
+
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "training workdir (or its checkpoints/ folder)", required=True)
 _OUT = flags.DEFINE_string("out", None, "JSON file to write", required=True)
 _DOCUMENTS = flags.DEFINE_integer("documents", 10, "held-out documents")
@@ -30,11 +35,6 @@ _SEED = flags.DEFINE_integer("seed", 0, "seed of the documents")
 
 def main(argv):
     del argv
-    from d2l_jax.api import D2L
-    from d2l_jax.eval import plots
-    from d2l_jax.eval.cd_comparison import compare_with_cd
-    from d2l_jax.eval.sweep import cell_records
-
     d2l = D2L.load(_CHECKPOINT.value)
     tokenizer = d2l.base.tokenizer
     depths = np.linspace(0, 9, _DOCUMENTS.value).round().astype(int)

@@ -16,6 +16,13 @@ from pathlib import Path
 from absl import app, flags
 from ml_collections import config_flags
 
+from d2l_jax.api import D2L
+from d2l_jax.eval import plots, sweep
+from d2l_jax.eval.results_store import RESULTS_FILE
+from d2l_jax.hypernet.config import HypernetExecution
+from d2l_jax.models.base_model import BaseExecution
+from d2l_jax.train.checkpoint import Checkpointer
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "evaluation config file (ml_collections)", lock_config=True)
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "training workdir (or its checkpoints/ folder)", required=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "output directory for results.json and the figures", required=True)
@@ -23,8 +30,6 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "output directory for results.js
 
 def _latest_step(checkpoint: str, step: int | None) -> int | None:
     """The step ``D2L.load`` will restore (the latest when ``step`` is None), so results name it."""
-    from d2l_jax.train.checkpoint import Checkpointer
-
     checkpoints = Checkpointer.of_run(checkpoint)
     try:
         return checkpoints.latest_step() if step is None else step
@@ -34,11 +39,6 @@ def _latest_step(checkpoint: str, step: int | None) -> int | None:
 
 def main(argv):
     del argv
-    from d2l_jax.api import D2L
-    from d2l_jax.eval import sweep
-    from d2l_jax.hypernet.config import HypernetExecution
-    from d2l_jax.models.base_model import BaseExecution
-
     config = _CONFIG.value
     settings = sweep.SweepSettings.from_dict(config.sweep.to_dict())
     step = _latest_step(_CHECKPOINT.value, config.step)
@@ -62,7 +62,7 @@ def main(argv):
             d2l, settings, workdir, identity=identity, repeats=config.efficiency_repeats, program_memory=config.program_memory
         )
     window = d2l.base.config.max_position_embeddings
-    paths = sweep.write_plots(records, workdir, window=window, title=f"D2L on {d2l.base.name}")
+    paths = plots.write_plots(records, workdir, window=window, title=f"D2L on {d2l.base.name}")
     summary = {}
     for r in records:
         if r["kind"] == "niah" and r["accuracy"] is not None:
@@ -70,7 +70,7 @@ def main(argv):
             total[0] += r["correct"]
             total[1] += r["n"]
     print(json.dumps({m: {str(n): c / t for n, (c, t) in sorted(by.items())} for m, by in summary.items()}, indent=2))
-    print("\n".join(str(p) for p in [workdir / sweep.RESULTS_FILE, *paths]))
+    print("\n".join(str(p) for p in [workdir / RESULTS_FILE, *paths]))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,15 @@ from pathlib import Path
 
 from absl import app, flags
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "training workdir (config.json, metrics.jsonl, checkpoints/)", required=True)
+from d2l_jax.api import D2L
+from d2l_jax.data.niah import NIAHSource
+from d2l_jax.eval import niah
+from d2l_jax.eval.plots import learning_curve
+from d2l_jax.train.config import RunConfig
+
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "training workdir (config.json, metrics.jsonl, checkpoints/)", required=True
+)
 _OUT = flags.DEFINE_string("out", None, "output directory", required=True)
 _CONTEXTS = flags.DEFINE_integer("contexts", 200, "held-out contexts to evaluate")
 _SPLIT = flags.DEFINE_string("split", "test", "NIAH split of the held-out contexts")
@@ -22,17 +30,13 @@ _SPLIT = flags.DEFINE_string("split", "test", "NIAH split of the held-out contex
 
 def main(argv):
     del argv
-    from d2l_jax.api import D2L
-    from d2l_jax.data.niah import NIAHSource
-    from d2l_jax.eval import niah
-    from d2l_jax.eval.plots import learning_curve
-    from d2l_jax.train.loop import RunConfig
-
     workdir, out = Path(_WORKDIR.value), Path(_OUT.value)
     out.mkdir(parents=True, exist_ok=True)
     run = RunConfig.from_json(json.loads((workdir / "config.json").read_text()))
+    if run.evaluator is None or run.evaluator.name != "niah":
+        raise app.UsageError(f"{workdir} is not a NIAH run (its evaluator is {run.evaluator}); there is no length bin to report on")
+    lo, hi = run.evaluator.options["bin"]
     d2l = D2L.load(workdir)
-    lo, hi = run.data.niah_eval_bin
     source = NIAHSource(d2l.base.tokenizer, _SPLIT.value, lo, hi, _CONTEXTS.value, seed=run.train.seed)
     records = [source[i] for i in range(len(source))]
     student = niah.student_replies(d2l, records)

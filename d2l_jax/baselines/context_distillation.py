@@ -163,13 +163,14 @@ class _StepSpec:
     """What the compiled train step depends on besides array shapes (hashable, a static argument)."""
 
     alpha: float
-    loss: DistillationLoss
+    distillation: DistillationLoss
     b1: float
     b2: float
     eps: float
     weight_decay: float
 
     def optimizer(self, learning_rate) -> optax.GradientTransformation:
+        """AdamW at ``learning_rate`` (traced inside the step; the optimizer state does not depend on it)."""
         return adamw(learning_rate, b1=self.b1, b2=self.b2, eps=self.eps, weight_decay=self.weight_decay)
 
 
@@ -184,7 +185,7 @@ def _cd_train_step(config: DecoderConfig, spec: _StepSpec, base_params, lora_par
         logits = label_logits(config, base_params, batch["tokens"], batch["mask"], batch["label_positions"], lora)
         # All label tokens of the minibatch as one row: the reference averages the loss over tokens.
         flat = lambda x: x.reshape(1, -1, *x.shape[2:])
-        return spec.loss.loss(flat(logits), jax.tree.map(flat, batch), flat(batch["label_mask"]))
+        return spec.distillation.loss(flat(logits), jax.tree.map(flat, batch), flat(batch["label_mask"]))
 
     loss, grads = jax.value_and_grad(loss_fn)(lora_params)
     updates, opt_state = spec.optimizer(learning_rate).update(grads, opt_state, lora_params)
@@ -416,7 +417,7 @@ def distill_document(
     rows = min(_next_power_of_two(n), batch_size)
     batches_per_epoch = math.ceil(n / rows)
     steps = REFERENCE_EPOCHS * batches_per_epoch if steps is None else steps
-    spec = _StepSpec(alpha=lora_alpha / rank, loss=distillation, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
+    spec = _StepSpec(alpha=lora_alpha / rank, distillation=distillation, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
 
     with PeakMemory() as memory:
         start = time.perf_counter()

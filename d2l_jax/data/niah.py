@@ -13,7 +13,8 @@ Records are grouped by
 * split: the magic numbers 0000-9999 are divided once, deterministically, between ``train``, ``val``
   and ``test`` so that no number seen in training is asked for in evaluation (see :func:`split_numbers`).
 
-:class:`NIAHSource` serves such records as a grain random-access data source.
+:func:`niah_record` builds one record; :class:`NIAHSource` serves them as a grain random-access data
+source and :func:`cell_records` draws the few records of one (length bin, depth bin) cell of a sweep.
 """
 
 from __future__ import annotations
@@ -168,6 +169,56 @@ def first_number(text: str) -> str | None:
     return match.group(0) if match else None
 
 
+def niah_record(num_blocks: int, depth_bin: int, needle_index: int, number: int) -> dict[str, Any]:
+    """One NIAH record: ``context`` (:func:`niah_context`), ``prompt`` (:data:`NIAH_PROMPT`), ``response``
+    (``number`` as four digits) and the fields it was built from (``num_blocks``, ``depth_bin``,
+    ``needle_index``, ``number``).
+
+    ``depth_bin`` is recorded as given, not checked against ``needle_index``. Raises ValueError as
+    :func:`niah_context` does.
+    """
+    return {
+        "context": niah_context(num_blocks, needle_index, number),
+        "prompt": NIAH_PROMPT,
+        "response": f"{number:04d}",
+        "num_blocks": num_blocks,
+        "depth_bin": depth_bin,
+        "needle_index": needle_index,
+        "number": number,
+    }
+
+
+def _drawn_record(rng: np.random.Generator, num_blocks: int, depth_bin: int, numbers: np.ndarray) -> dict[str, Any]:
+    """:func:`niah_record` with the needle index drawn uniformly within ``depth_bin``'s range, then the
+    number uniformly from ``numbers`` (in that order: the order of the draws fixes every record)."""
+    start, end = needle_index_range(num_blocks, depth_bin)
+    needle_index = int(rng.integers(start, end + 1))
+    number = int(numbers[rng.integers(len(numbers))])
+    return niah_record(num_blocks, depth_bin, needle_index, number)
+
+
+def cell_records(tokenizer: Any, lo: int, hi: int, depth_bin: int, n: int, seed: int, split: str = "test") -> list[dict[str, Any]]:
+    """``n`` records (one cell of a sweep) with ``lo <= context tokens < hi`` and the needle in ``depth_bin``.
+
+    Block counts are spread evenly over the bin's range (:func:`blocks_for_tokens`): sample j has
+    ``k_min + (2j + 1)(k_max - k_min) // 2n`` blocks. Its needle index and number are drawn from
+    ``np.random.default_rng([seed, lo, hi, depth_bin, j])``, so a cell's records never change. Each record
+    is a :func:`niah_record` plus ``context_tokens`` (counted as :func:`context_token_length` does).
+
+    Raises:
+      ValueError: as :func:`blocks_for_tokens`, :func:`needle_index_range` and :func:`split_numbers` do.
+    """
+    k_min, k_max = blocks_for_tokens(tokenizer, lo, hi)
+    numbers = split_numbers(split)
+    records = []
+    for j in range(n):
+        num_blocks = k_min + (2 * j + 1) * (k_max - k_min) // (2 * n)
+        record = _drawn_record(np.random.default_rng([seed, lo, hi, depth_bin, j]), num_blocks, depth_bin, numbers)
+        record["context_tokens"] = len(tokenizer(record["context"], add_special_tokens=False)["input_ids"])
+        records.append(record)
+    return records
+
+
 class NIAHSource:
     """NIAH records for one split and token-length bin, as a grain random-access data source.
 
@@ -209,21 +260,9 @@ class NIAHSource:
         if not 0 <= i < self._num_records:
             raise IndexError(f"record {i} is out of range for a source of {self._num_records} records")
         k_min, k_max = self.num_blocks_range
-        depth_bin = i % NUM_DEPTH_BINS
         num_blocks = k_min + (i // NUM_DEPTH_BINS) % (k_max - k_min)
-        start, end = needle_index_range(num_blocks, depth_bin)
         rng = np.random.default_rng([self.seed, self._split_index, i])
-        needle_index = int(rng.integers(start, end + 1))
-        number = int(self._numbers[rng.integers(len(self._numbers))])
-        return {
-            "context": niah_context(num_blocks, needle_index, number),
-            "prompt": NIAH_PROMPT,
-            "response": f"{number:04d}",
-            "num_blocks": num_blocks,
-            "depth_bin": depth_bin,
-            "needle_index": needle_index,
-            "number": number,
-        }
+        return _drawn_record(rng, num_blocks, i % NUM_DEPTH_BINS, self._numbers)
 
     def __repr__(self) -> str:
         return (

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import functools
-import json
 import reprlib
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -85,29 +85,46 @@ def require_fitting_records(source, builder, shapes: BatchShapes, probe: int = 1
 
 
 class RecordSource:
-    """Random access to ``{"context", "prompt", "response", ...}`` records from a JSON Lines (``.jsonl``)
-    or parquet (``.parquet``) file. Raises ValueError naming the file and record when a field is missing."""
+    """Random access to ``{"context", "prompt", "response", ...}`` records from a JSON Lines (``.jsonl``, or
+    ``.json``) or parquet (``.parquet``) file, read whole into memory with ``datasets``.
+
+    Raises ValueError naming the file: for another suffix, a file that has no records or cannot be read,
+    and a record that lacks a field (or holds null there), which it names by number from 0; FileNotFoundError
+    when there is no such file.
+    """
 
     def __init__(self, path: str | Path):
-        self.path = Path(path)
-        if self.path.suffix == ".parquet":
-            import pyarrow.parquet as pq
+        import datasets  # only record files need it, and it adds 0.6 s to importing d2l_jax
 
-            self.records = pq.read_table(self.path).to_pylist()
-        elif self.path.suffix in (".jsonl", ".json"):
-            with open(self.path) as f:
-                self.records = [json.loads(line) for line in f if line.strip()]
-        else:
+        self.path = Path(path)
+        readers = {".jsonl": datasets.Dataset.from_json, ".json": datasets.Dataset.from_json, ".parquet": datasets.Dataset.from_parquet}
+        if self.path.suffix not in readers:
             raise ValueError(f"{self.path}: expected a .jsonl or .parquet file")
-        for number, record in enumerate(self.records):
-            missing = [k for k in RECORD_FIELDS if k not in record]
-            if missing:
-                raise ValueError(f"{self.path}: record {number} lacks {missing}")
-        if not self.records:
+        if not self.path.is_file():
+            raise FileNotFoundError(f"{self.path}: no such record file")
+        # datasets converts the file to Arrow under cache_dir even when it keeps the result in memory:
+        # a folder of our own, deleted at once, keeps the user's cache out of it and runs independent.
+        with tempfile.TemporaryDirectory(prefix="d2l_records_") as cache:
+            try:
+                self.records = readers[self.path.suffix](str(self.path), cache_dir=cache, keep_in_memory=True)
+            except Exception as e:  # an empty file fails inside datasets (StopIteration, DatasetGenerationError)
+                raise ValueError(f"{self.path} has no records or cannot be read: {type(e).__name__}: {e}") from e
+        if len(self.records) == 0:
             raise ValueError(f"{self.path} has no records")
+        # A field absent from some JSON records is a column holding null there; absent from all, no column.
+        present = self.records.column_names
+        lacks = np.array([[v is None for v in self.records[k]] if k in present else [True] * len(self.records) for k in RECORD_FIELDS])
+        if lacks.any():
+            number = int(lacks.any(axis=0).argmax())
+            missing = [k for k, row in zip(RECORD_FIELDS, lacks) if row[number]]
+            raise ValueError(f"{self.path}: record {number} lacks {missing}")
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        return self.records[index]
+        # Records share the file's columns; a field a record lacks (null there) stays absent from its dict.
+        return {k: v for k, v in self.records[int(index)].items() if v is not None}
+
+    def __repr__(self) -> str:
+        return f"RecordSource({str(self.path)!r})"

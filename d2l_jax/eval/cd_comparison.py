@@ -2,7 +2,7 @@
 
 For each document D2L internalizes it once; oracle CD trains a fresh rank-8 LoRA on the test question
 against the teacher with the document in its prompt, once per step budget. Both then answer the question
-without the document, and the reply is scored as ``eval.niah.exact_match`` does (its first number).
+without the document, and the reply is scored by ``eval.niah.is_correct`` (its first 4-digit number).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from d2l_jax.api import D2L, stack_adapters
 from d2l_jax.baselines.context_distillation import PeakMemory, distill_oracle
 from d2l_jax.data.examples import student_messages
-from d2l_jax.data.niah import first_number
+from d2l_jax.eval.niah import is_correct
 from d2l_jax.models.lora import LoRA
 
 
@@ -75,7 +75,7 @@ def compare_with_cd(
             rows.append(
                 dict(method=method, depth=record["depth_bin"], context_tokens=record["context_tokens"], update_seconds=seconds,
                      peak_memory_gb=peak_gb, reply=reply, response=record["response"],
-                     correct=first_number(reply) == record["response"], **parts)
+                     correct=is_correct(reply, record), **parts)
             )
 
     summary = {}

@@ -15,13 +15,19 @@ from d2l_jax.models.base_model import BaseModel
 MAX_NEW_TOKENS = 16
 
 
+def is_correct(reply: str, record: dict) -> bool:
+    """Whether ``reply``'s first 4-digit number (``data.niah.first_number``) is ``record["response"]``."""
+    return first_number(reply) == record["response"]
+
+
 def correct(replies: Sequence[str], records: Sequence[dict]) -> int:
-    """How many replies' first 4-digit number is their record's response."""
-    return sum(first_number(r) == rec["response"] for r, rec in zip(replies, records, strict=True))
+    """How many replies are correct (:func:`is_correct`). Raises ValueError when the lengths differ."""
+    return sum(is_correct(reply, record) for reply, record in zip(replies, records, strict=True))
 
 
 def exact_match(replies: Sequence[str], records: Sequence[dict]) -> float:
-    """Share of replies whose first 4-digit number is the record's response."""
+    """Share of replies that are correct (:func:`is_correct`), in [0, 1]. Raises ValueError when the
+    lengths differ and ZeroDivisionError when there are no records."""
     return correct(replies, records) / len(records)
 
 

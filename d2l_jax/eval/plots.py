@@ -1,15 +1,20 @@
-"""Figures of training runs and evaluations: learning curves, NIAH accuracy, latency and memory."""
+"""Figures of training runs and evaluations: learning curves, NIAH accuracy, latency and memory.
+
+Drawn with matplotlib's object-oriented API (``Figure`` + ``savefig``, which picks the renderer from the
+file's extension), so neither importing this module nor drawing touches pyplot or the process's backend.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
+from typing import Sequence
 
 import matplotlib
 import numpy as np
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
 
 
 def learning_curve(metrics_path: str | Path, png_path: str | Path, title: str = "") -> None:
@@ -18,7 +23,8 @@ def learning_curve(metrics_path: str | Path, png_path: str | Path, title: str = 
     train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
     accuracy = [(r["step"], r["eval/student_exact_match"]) for r in rows if "eval/student_exact_match" in r]
     floor = [r["eval/base_without_document_exact_match"] for r in rows if "eval/base_without_document_exact_match" in r]
-    fig, loss_axis = plt.subplots(figsize=(7, 4))
+    fig = Figure(figsize=(7, 4))
+    loss_axis = fig.subplots()
     if train:
         steps, losses = zip(*train)
         loss_axis.plot(steps, losses, color="tab:blue", alpha=0.35, label="loss")
@@ -40,7 +46,6 @@ def learning_curve(metrics_path: str | Path, png_path: str | Path, title: str = 
     loss_axis.set_title(title)
     fig.tight_layout()
     fig.savefig(png_path, dpi=100)
-    plt.close(fig)
 
 
 _METHOD_STYLES = {
@@ -59,7 +64,7 @@ def _length_label(tokens: int) -> str:
 def niah_heatmap(records, method: str, png_path: str | Path, title: str = "") -> None:
     """Exact match of one method over length (rows, by bin upper end ``hi``) x needle depth (columns).
 
-    ``records`` are the sweep's NIAH records (``eval.sweep``); a cell that did not run is grey and
+    ``records`` are the sweep's NIAH records (``eval.sweep.run_sweep``); a cell that did not run is grey and
     marked "n/r", a cell absent from the records is blank.
     """
     rows = [r for r in records if r["method"] == method]
@@ -73,13 +78,14 @@ def niah_heatmap(records, method: str, png_path: str | Path, title: str = "") ->
             not_run[i, j] = True
         else:
             values[i, j] = r["accuracy"]
-    fig, ax = plt.subplots(figsize=(1.0 + 0.6 * len(depths), 1.2 + 0.45 * len(lengths)))
+    fig = Figure(figsize=(1.0 + 0.6 * len(depths), 1.2 + 0.45 * len(lengths)))
+    ax = fig.subplots()
     cmap = matplotlib.colormaps["RdYlGn"].with_extremes(bad="white")
     image = ax.imshow(np.ma.masked_invalid(values), cmap=cmap, vmin=0.0, vmax=1.0, aspect="auto", origin="lower")
     for i in range(len(lengths)):
         for j in range(len(depths)):
             if not_run[i, j]:
-                ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, color="lightgray"))
+                ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, color="lightgray"))
                 ax.text(j, i, "n/r", ha="center", va="center", fontsize=7, color="dimgray")
             elif not np.isnan(values[i, j]):
                 ax.text(j, i, f"{values[i, j]:.2f}", ha="center", va="center", fontsize=7)
@@ -91,14 +97,14 @@ def niah_heatmap(records, method: str, png_path: str | Path, title: str = "") ->
     fig.colorbar(image, ax=ax, label="exact match")
     fig.tight_layout()
     fig.savefig(png_path, dpi=100)
-    plt.close(fig)
 
 
 def niah_accuracy_by_length(records, png_path: str | Path, window: int | None = None, title: str = "") -> None:
     """Exact match against context length (bin upper end), one line per method, pooled over depths
     (correct / samples); cells that did not run are left out, so a line stops where its method cannot run.
     ``window`` draws the base model's context window."""
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
     for method in dict.fromkeys(r["method"] for r in records):
         totals: dict[int, list[int]] = {}
         for r in records:
@@ -125,7 +131,6 @@ def niah_accuracy_by_length(records, png_path: str | Path, window: int | None = 
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(png_path, dpi=100)
-    plt.close(fig)
 
 
 def efficiency_by_length(records, png_path: str | Path, window: int | None = None, title: str = "") -> None:
@@ -133,7 +138,8 @@ def efficiency_by_length(records, png_path: str | Path, window: int | None = Non
     beyond the base parameters (KV cache, plus the adapter for D2L and CD; in-context beyond the window is
     the analytic KV cache it would need, dotted) and latency (the update: D2L's internalization or CD's
     training at its step budget; the answer to one question)."""
-    fig, (memory_ax, time_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    fig = Figure(figsize=(11, 4))
+    memory_ax, time_ax = fig.subplots(1, 2)
     for method in dict.fromkeys(r["method"] for r in records):
         rows = sorted((r for r in records if r["method"] == method), key=lambda r: r["context_tokens"])
         style = _METHOD_STYLES.get(method, dict(label=method, marker="o"))
@@ -165,7 +171,6 @@ def efficiency_by_length(records, png_path: str | Path, window: int | None = Non
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(png_path, dpi=100)
-    plt.close(fig)
 
 
 def accuracy_vs_update_latency(summary, png_path: str | Path, title: str = "") -> None:
@@ -177,7 +182,8 @@ def accuracy_vs_update_latency(summary, png_path: str | Path, title: str = "") -
     """
     if not summary:
         raise ValueError("summary is empty: nothing to plot")
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
     budgets = sorted((s for s in summary.values() if "cd_steps" in s), key=lambda s: s["cd_steps"])
     if budgets:
         ax.plot([s["update_seconds"] for s in budgets], [s["accuracy"] for s in budgets], "-", **_METHOD_STYLES["cd"])
@@ -197,4 +203,27 @@ def accuracy_vs_update_latency(summary, png_path: str | Path, title: str = "") -
     ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
     fig.savefig(png_path, dpi=100)
-    plt.close(fig)
+
+
+def write_plots(records: Sequence[dict], workdir: str | os.PathLike, window: int | None = None, title: str = "") -> list[Path]:
+    """The figures of a sweep's records (``eval.sweep``) in ``workdir`` (created if absent):
+    ``niah_heatmap_<method>.png`` per method, ``niah_accuracy_by_length.png`` and, with efficiency records,
+    ``efficiency_by_length.png``. ``window`` (tokens) draws the base model's context window. Returns their paths."""
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    niah = [r for r in records if r["kind"] == "niah"]
+    paths = []
+    for method in dict.fromkeys(r["method"] for r in niah):
+        path = workdir / f"niah_heatmap_{method}.png"
+        niah_heatmap(niah, method, path, title=f"{title} {method}".strip())
+        paths.append(path)
+    if niah:
+        path = workdir / "niah_accuracy_by_length.png"
+        niah_accuracy_by_length(niah, path, window=window, title=title)
+        paths.append(path)
+    efficiency = [r for r in records if r["kind"] == "efficiency"]
+    if efficiency:
+        path = workdir / "efficiency_by_length.png"
+        efficiency_by_length(efficiency, path, window=window, title=title)
+        paths.append(path)
+    return paths

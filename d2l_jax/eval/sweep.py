@@ -1,64 +1,35 @@
-"""Resumable needle-in-a-haystack sweep: accuracy over context lengths x needle depths, per method.
+"""Resumable needle-in-a-haystack sweep: accuracy over context lengths x needle depths, per method
+(``eval.niah_methods``), and the efficiency report (``eval.efficiency``), both into ``WORKDIR/results.json``
+(``eval.results_store``).
 
-Methods (:data:`METHODS`):
+A NIAH cell is (method, length bin ``[lo, hi)``, depth bin, seed, samples, split, max_new_tokens); its
+records come from ``data.niah.cell_records`` and its replies are scored by ``eval.niah.is_correct`` (the
+first 4-digit number must be the needle's). Every finished cell becomes one record of the results file,
+rewritten atomically after each cell, so an interrupted sweep resumes where it stopped and a finished one
+does no work.
 
-* ``d2l``: the student: the document internalized into an adapter (chunked, any length; see
-  ``D2L.adapters``), the question alone in the prompt;
-* ``icl``: the base model with the document in its prompt, only where prompt plus reply fit the base
-  model's window; other cells are recorded as ``"not run: exceeds window N ..."``;
-* ``truncated_icl``: the same prompt cut to the window the reference's way (first and last
-  ``(window - max_new_tokens) // 2`` tokens kept, see ``in_context.truncate_middle``);
-* ``base``: the base model with neither document nor adapter.
-
-A cell is (method, length bin ``[lo, hi)``, depth bin, seed, samples, split, max_new_tokens). Every finished
-cell becomes one record in ``WORKDIR/results.json``, rewritten atomically (temporary file + ``os.replace``)
-after each cell, so an interrupted sweep resumes where it stopped and a finished one does no work.
-Replies are scored as ``eval.niah.exact_match`` does: the first 4-digit number must be the needle's.
-
-Latencies in the records are wall-clock seconds per document (``internalize_s``) and per question
-(``answer_s``, batched); they include compilation the first time a shape is met. The efficiency records
-(``kind == "efficiency"``, see ``eval.efficiency``: D2L, context distillation and in-context learning on
-one document per length) are measured after a warm-up and exclude it.
+Latencies in the NIAH records include compilation the first time a shape is met. The efficiency records
+(``kind == "efficiency"``: D2L, context distillation and in-context learning on one document per length)
+are measured after a warm-up and exclude it.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import tempfile
 import time
-from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
-import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from d2l_jax.api import D2L, stack_adapters
+from d2l_jax.api import D2L
 from d2l_jax.baselines.context_distillation import REFERENCE_EPOCHS
-from d2l_jax.data.examples import student_messages
-from d2l_jax.data.niah import (
-    NIAH_PROMPT,
-    NUM_DEPTH_BINS,
-    SPLITS,
-    blocks_for_tokens,
-    first_number,
-    needle_index_range,
-    niah_context,
-    split_numbers,
-)
+from d2l_jax.data.niah import NUM_DEPTH_BINS, SPLITS, cell_records
 from d2l_jax.eval.efficiency import EFFICIENCY_METHODS
-from d2l_jax.eval.in_context import truncate_middle
-from d2l_jax.eval.niah import MAX_NEW_TOKENS
-from d2l_jax.models.generate import bucket_length
-
-METHODS = ("d2l", "icl", "truncated_icl", "base")
-RESULTS_FILE = "results.json"
-
-# A method answers one cell: records (context, prompt, response, ...) -> {"replies": [...], timings...}, or
-# {"status": "not run: ..."} when it cannot run on them.
-MethodFn = Callable[[list[dict]], dict]
+from d2l_jax.eval.niah import MAX_NEW_TOKENS, correct
+from d2l_jax.eval.niah_methods import METHODS, MethodFn, niah_methods
+from d2l_jax.eval.results_store import ResultsFile, cell_key
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,7 +40,7 @@ class SweepSettings:
       bins: token-length bins ``(lo, hi)``: a cell's contexts have ``lo <= tokens < hi`` (the document
         alone, without chat tokens), spread evenly over the bin; records and plots call ``hi`` its length.
       depths: needle depth bins, each in ``0 .. 9`` (bin b = the b-th tenth of the document).
-      methods: a subset of :data:`METHODS`.
+      methods: a subset of ``eval.niah_methods.METHODS``.
       samples_per_cell: documents per (length, depth) cell.
       seed: draws the needle positions and numbers.
       split: the NIAH split the magic numbers come from.
@@ -131,203 +102,8 @@ class SweepSettings:
         return cls(**dict(values))
 
 
-def cell_records(tokenizer, lo: int, hi: int, depth: int, n: int, seed: int, split: str = "test") -> list[dict]:
-    """``n`` NIAH records with ``lo <= context tokens < hi`` and the needle in depth bin ``depth``.
-
-    Block counts are spread evenly over the bin's range (``data.niah.blocks_for_tokens``); the needle
-    index (uniform within the depth bin) and the number (uniform over ``split``'s numbers) are drawn from
-    ``np.random.default_rng([seed, lo, hi, depth, j])`` for sample j, so a cell's records never change.
-    Each record also carries ``context_tokens``.
-    """
-    k_min, k_max = blocks_for_tokens(tokenizer, lo, hi)
-    numbers = split_numbers(split)
-    records = []
-    for j in range(n):
-        num_blocks = k_min + (2 * j + 1) * (k_max - k_min) // (2 * n)
-        start, end = needle_index_range(num_blocks, depth)
-        rng = np.random.default_rng([seed, lo, hi, depth, j])
-        needle_index = int(rng.integers(start, end + 1))
-        number = int(numbers[rng.integers(len(numbers))])
-        context = niah_context(num_blocks, needle_index, number)
-        records.append(
-            {
-                "context": context,
-                "prompt": NIAH_PROMPT,
-                "response": f"{number:04d}",
-                "num_blocks": num_blocks,
-                "depth_bin": depth,
-                "needle_index": needle_index,
-                "number": number,
-                "context_tokens": len(tokenizer(context, add_special_tokens=False)["input_ids"]),
-            }
-        )
-    return records
-
-
-class _ReplyCache:
-    """Replies to the last prompt set answered without an adapter: ``truncated_icl`` asks exactly what
-    ``icl`` asked whenever nothing needed truncating, and is then not run twice."""
-
-    def __init__(self):
-        self.key, self.value = None, None
-
-    def get(self, prompts):
-        key = tuple(map(tuple, prompts))
-        return self.value if key == self.key else None
-
-    def put(self, prompts, value):
-        self.key, self.value = tuple(map(tuple, prompts)), value
-
-
-def niah_methods(d2l: D2L, settings: SweepSettings, progress: bool = True) -> dict[str, MethodFn]:
-    """The four method functions over one D2L (its base model serves the baselines)."""
-    base = d2l.base
-    window = base.config.max_position_embeddings
-    m = settings.max_new_tokens
-    cache = _ReplyCache()
-
-    def answer(prompts: list[list[int]], rows: int, desc: str) -> dict:
-        """Replies without an adapter: ``replies``, ``answer_s`` (per question) and, when the same
-        prompts were just answered for another method, ``reused_replies: True`` (with that timing)."""
-        cached = cache.get(prompts)
-        if cached is not None:
-            return {**cached, "reused_replies": True}
-        replies, start = [], time.perf_counter()
-        for i in tqdm(range(0, len(prompts), rows), desc=desc, leave=False, disable=not progress):
-            replies += base.generate_ids(prompts[i : i + rows], m)
-        value = {"replies": replies, "answer_s": (time.perf_counter() - start) / len(prompts)}
-        cache.put(prompts, value)
-        return value
-
-    def in_context_rows(prompts):
-        return max(1, min(settings.batch_size, settings.icl_batch_tokens // bucket_length(max(map(len, prompts)))))
-
-    def student(records):
-        prompts = [base.chat_ids(student_messages(r["prompt"])) for r in records]
-        replies, internalize_s, answer_s, chunks, ranks = [], 0.0, 0.0, [], []
-        step = settings.batch_size
-        for i in tqdm(range(0, len(records), step), desc="d2l", leave=False, disable=not progress):
-            batch = records[i : i + step]
-            start = time.perf_counter()
-            adapters = d2l.adapters([r["context"] for r in batch])
-            jax.block_until_ready([a.lora for a in adapters])
-            middle = time.perf_counter()
-            replies += base.generate_ids(prompts[i : i + step], m, lora=stack_adapters(adapters))
-            internalize_s += middle - start
-            answer_s += time.perf_counter() - middle
-            chunks += [a.num_chunks for a in adapters]
-            ranks += [a.rank for a in adapters]
-        return {
-            "replies": replies,
-            "internalize_s": internalize_s / len(records),
-            "answer_s": answer_s / len(records),
-            "prompt_tokens": float(np.mean([len(p) for p in prompts])),
-            "chunks": float(np.mean(chunks)),
-            "adapter_rank": int(max(ranks)),
-        }
-
-    def in_context(records):
-        prompts = [base.chat_ids(student_messages(r["prompt"], context=r["context"])) for r in records]
-        longest = max(map(len, prompts))
-        if longest + m > window:
-            return {
-                "status": f"not run: exceeds window {window} (longest prompt {longest} tokens + {m} new tokens)",
-                "prompt_tokens": float(np.mean([len(p) for p in prompts])),
-            }
-        return {**answer(prompts, in_context_rows(prompts), "icl"), "prompt_tokens": float(np.mean([len(p) for p in prompts]))}
-
-    def truncated(records):
-        full = [base.chat_ids(student_messages(r["prompt"], context=r["context"])) for r in records]
-        prompts = [truncate_middle(p, window, m) for p in full]
-        return {
-            **answer(prompts, in_context_rows(prompts), "truncated_icl"),
-            "prompt_tokens": float(np.mean([len(p) for p in prompts])),
-            "truncated": sum(len(p) < len(f) for p, f in zip(prompts, full)),
-        }
-
-    def no_document(records):
-        prompts = [base.chat_ids(student_messages(r["prompt"])) for r in records]
-        return {**answer(prompts, settings.batch_size, "base"), "prompt_tokens": float(np.mean([len(p) for p in prompts]))}
-
-    all_methods = {"d2l": student, "icl": in_context, "truncated_icl": truncated, "base": no_document}
-    return {name: all_methods[name] for name in settings.methods}
-
-
-def cell_key(record: Mapping[str, Any]) -> tuple:
-    """What identifies a finished cell in ``results.json``."""
-    return (
-        record["kind"],
-        record["method"],
-        record["lo"],
-        record["hi"],
-        record.get("depth"),
-        record["seed"],
-        record.get("n"),
-        record["split"],
-        record["max_new_tokens"],
-        record.get("cd_steps"),
-    )
-
-
-def read_results(path: str | os.PathLike) -> dict:
-    """``{"identity": ..., "settings": ..., "records": [...]}`` from a results file (empty if absent).
-
-    Raises ValueError when the file exists but is not a results file.
-    """
-    path = Path(path)
-    if not path.exists():
-        return {"identity": {}, "settings": {}, "records": []}
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path} is not valid JSON ({error}); move it away to start a new sweep") from error
-    if not isinstance(data, dict) or not isinstance(data.get("records"), list):
-        raise ValueError(f"{path} has no 'records' list; it is not a sweep results file")
-    return data
-
-
-def write_results(path: str | os.PathLike, data: dict) -> None:
-    """Writes ``data`` as JSON atomically: a temporary file in the same folder, flushed, then ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle = tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False)
-    try:
-        with handle:
-            json.dump(data, handle, indent=1)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(handle.name, path)
-    except BaseException:
-        Path(handle.name).unlink(missing_ok=True)
-        raise
-
-
-def _check_identity(path: Path, stored: Mapping[str, Any], current: Mapping[str, Any]) -> None:
-    differing = {k: (stored[k], current[k]) for k in set(stored) & set(current) if stored[k] != current[k]}
-    if differing:
-        details = ", ".join(f"{k}: {old!r} there, {new!r} now" for k, (old, new) in sorted(differing.items()))
-        raise ValueError(f"{path} holds results of another run ({details}); use another workdir")
-
-
-class _Results:
-    """The results file of one workdir, loaded once and rewritten after every new record."""
-
-    def __init__(self, workdir, settings: SweepSettings, identity: Mapping[str, Any] | None):
-        self.path = Path(workdir) / RESULTS_FILE
-        self.data = read_results(self.path)
-        identity = dict(identity or {})
-        _check_identity(self.path, self.data.get("identity", {}), identity)
-        self.data["identity"] = {**self.data.get("identity", {}), **identity}
-        self.data["settings"] = dataclasses.asdict(settings)
-        self.done = {cell_key(r) for r in self.data["records"]}
-
-    def add(self, record: dict) -> None:
-        self.data["records"].append(record)
-        self.done.add(cell_key(record))
-        write_results(self.path, self.data)
-
-
 def _cell(settings: SweepSettings, kind: str, method: str, lo: int, hi: int, depth: int | None, n: int | None) -> dict:
+    """The fields that name a cell (what ``results_store.cell_key`` reads, and ``length``)."""
     return {
         "kind": kind,
         "method": method,
@@ -343,11 +119,11 @@ def _cell(settings: SweepSettings, kind: str, method: str, lo: int, hi: int, dep
 
 
 def _score(replies: Sequence[str] | None, records: Sequence[dict]) -> dict:
-    """``correct`` (replies whose first 4-digit number is the record's) and ``accuracy``; None without replies."""
+    """``correct`` (see ``eval.niah.is_correct``) and ``accuracy`` of a cell; both None without replies."""
     if replies is None:
         return {"correct": None, "accuracy": None}
-    correct = sum(first_number(reply) == r["response"] for reply, r in zip(replies, records, strict=True))
-    return {"correct": correct, "accuracy": correct / len(records)}
+    hits = correct(replies, records)
+    return {"correct": hits, "accuracy": hits / len(records)}
 
 
 def run_sweep(
@@ -376,8 +152,12 @@ def run_sweep(
     file; resuming with a different value for one of its keys raises ValueError rather than mixing runs.
     ``methods`` replaces the method functions (default :func:`niah_methods`).
     """
-    results = _Results(workdir, settings, identity)
-    methods = dict(methods) if methods is not None else niah_methods(d2l, settings, progress)
+    results = ResultsFile(workdir, dataclasses.asdict(settings), identity)
+    if methods is None:
+        methods = niah_methods(
+            d2l, settings.methods, max_new_tokens=settings.max_new_tokens, batch_size=settings.batch_size,
+            icl_batch_tokens=settings.icl_batch_tokens, progress=progress,
+        )
     missing = set(settings.methods) - set(methods)
     if missing:
         raise ValueError(f"no method function for {sorted(missing)}")
@@ -424,7 +204,7 @@ def run_efficiency(
     ``{"kind": "efficiency", "method", "length", "lo", "hi", "context_tokens", "status", "internalize_s"
     (D2L), "update_s" (CD, with "cd_steps"), "answer_s", "kv_cache_bytes", "adapter_bytes",
     "answer_state_bytes", "answer_program_bytes", ...}``. Returns all records of the file."""
-    results = _Results(workdir, settings, identity)
+    results = ResultsFile(workdir, dataclasses.asdict(settings), identity)
 
     def cell(lo, hi, method):
         row = _cell(settings, "efficiency", method, lo, hi, 5, 1)
@@ -446,29 +226,3 @@ def run_efficiency(
             results.add(row)
             bar.update(1)
     return results.data["records"]
-
-
-def write_plots(records: Sequence[dict], workdir: str | os.PathLike, window: int | None = None, title: str = "") -> list[Path]:
-    """The sweep's figures in ``workdir``: ``niah_heatmap_<method>.png`` per method,
-    ``niah_accuracy_by_length.png`` and, with efficiency records, ``efficiency_by_length.png``.
-    Returns their paths."""
-    from d2l_jax.eval import plots
-
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    niah = [r for r in records if r["kind"] == "niah"]
-    paths = []
-    for method in dict.fromkeys(r["method"] for r in niah):
-        path = workdir / f"niah_heatmap_{method}.png"
-        plots.niah_heatmap(niah, method, path, title=f"{title} {method}".strip())
-        paths.append(path)
-    if niah:
-        path = workdir / "niah_accuracy_by_length.png"
-        plots.niah_accuracy_by_length(niah, path, window=window, title=title)
-        paths.append(path)
-    efficiency = [r for r in records if r["kind"] == "efficiency"]
-    if efficiency:
-        path = workdir / "efficiency_by_length.png"
-        plots.efficiency_by_length(efficiency, path, window=window, title=title)
-        paths.append(path)
-    return paths

@@ -8,7 +8,8 @@ generates ``B = 0`` (with ``b_init="zero_head"``, ``scaler_B`` starts at ones an
 zero instead). With ``shared_a`` the head emits only B and every chunk's A is one learned, context-free
 ``shared_A`` per layer and rank. With ``center_head_input`` the head's inputs are centred: while training
 on the mean over the batch's documents, afterwards on ``input_mean``, the running mean the train step keeps
-(not a gradient-trained parameter), so B is driven by how a document differs from the typical one. The learned "bias LoRA" (``bias_A``, ``bias_B``, B zero at init) is
+in the ``stats`` collection (beside the parameters, as batch normalisation keeps its statistics; no
+optimizer sees it), so B is driven by how a document differs from the typical one. The learned "bias LoRA" (``bias_A``, ``bias_B``, B zero at init) is
 appended to every document's adapter when combining.
 """
 
@@ -129,7 +130,9 @@ class LoRAHead(nn.Module):
             block = ResMLPPerLayer(num_layers, self.dtype, name=f"pre_head_{i}") if c.per_layer_processing else ResMLPShared(self.dtype, name=f"pre_head_{i}")
             x = block(x)
         if c.center_head_input:
-            stored = _param(self, "input_mean", nn.initializers.zeros, (num_layers, num_modules, rank, width), ("layers", "modules", "rank", "latent"))
+            zeros = nn.with_logical_partitioning(nn.initializers.zeros, ("layers", "modules", "rank", "latent"))
+            shape = (num_layers, num_modules, rank, width)
+            stored = self.variable("stats", "input_mean", lambda: zeros(None, shape, jnp.float32)).value
             x = x.reshape(num_layers, chunks, -1, width)
             if center_on is None:
                 mean = jax.lax.stop_gradient(stored).reshape(num_layers, 1, -1, width)

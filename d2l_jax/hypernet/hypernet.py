@@ -1,6 +1,8 @@
 """Document chunks -> per-chunk LoRAs -> one adapter per document, as pure functions of the parameters.
 
-Hypernetwork parameters are ``{"perceiver": ..., "head": ...}`` (see ``perceiver.py`` and ``head.py``).
+A hypernetwork's variables are ``{"perceiver": ..., "head": ...}`` (its parameters, see ``perceiver.py`` and
+``head.py``) and, with ``center_head_input``, ``"stats": {"input_mean": ...}`` (the head's running statistic,
+which training keeps beside the parameters and no optimizer sees; :func:`split_stats`).
 """
 
 from __future__ import annotations
@@ -31,20 +33,31 @@ def _modules(config: HypernetConfig, base: DecoderConfig, execution: HypernetExe
 
 
 def init_hypernet(config: HypernetConfig, base: DecoderConfig, key) -> dict:
-    """Freshly initialised hypernetwork parameters, boxed with logical axis names (``nn.Partitioned``)."""
+    """Freshly initialised hypernetwork variables (parameters and statistics), boxed with logical axis
+    names (``nn.Partitioned``)."""
     config.check_base(base)
     perceiver, head = _modules(config, base, DEFAULT_EXECUTION)
     perceiver_key, head_key = jax.random.split(key)
     features = jnp.zeros((1, 1, base.hidden_size), jnp.float32)
     latents = jnp.zeros((config.num_adapted(base), 1, len(config.target_modules), config.lora_rank, config.latent_size))
-    return {
-        "perceiver": perceiver.init(perceiver_key, features, jnp.ones((1, 1), bool))["params"],
-        "head": head.init(head_key, latents)["params"],
-    }
+    head_variables = head.init(head_key, latents)
+    variables = {"perceiver": perceiver.init(perceiver_key, features, jnp.ones((1, 1), bool))["params"], "head": head_variables["params"]}
+    return variables | ({"stats": head_variables["stats"]} if "stats" in head_variables else {})
 
 
-def param_count(params) -> int:
-    return sum(math.prod(x.shape) for x in jax.tree.leaves(nn.unbox(params)))
+def split_stats(variables: dict) -> tuple[dict, dict]:
+    """(parameters, statistics) of a hypernetwork's variables; the statistics are ``{}`` when it keeps none."""
+    return {k: v for k, v in variables.items() if k != "stats"}, variables.get("stats", {})
+
+
+def join_stats(params: dict, stats: dict) -> dict:
+    """The variables of ``params`` and ``stats`` (the inverse of :func:`split_stats`)."""
+    return params | ({"stats": stats} if stats else {})
+
+
+def param_count(variables) -> int:
+    """Parameters of a hypernetwork's variables (its statistics are not counted)."""
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(nn.unbox(split_stats(variables)[0])))
 
 
 def layer_latents(config: HypernetConfig, base: DecoderConfig, params: dict, features, mask: Int[Array, "C T"], execution: HypernetExecution = DEFAULT_EXECUTION):
@@ -86,9 +99,10 @@ def _pad_layers(adapters, base: DecoderConfig):
 def _head_adapters(config: HypernetConfig, base: DecoderConfig, params: dict, latents, execution: HypernetExecution, center_on=None):
     """Latents -> chunk adapters of the adapted layers only; with ``center_on``, also the head's input mean."""
     _, head = _modules(config, base, execution)
+    variables = {"params": params["head"]} | ({"stats": params["stats"]} if "stats" in params else {})
     if center_on is None:
-        return head.apply({"params": params["head"]}, latents)
-    adapters, sown = head.apply({"params": params["head"]}, latents, center_on=center_on, mutable="intermediates")
+        return head.apply(variables, latents)
+    adapters, sown = head.apply(variables, latents, center_on=center_on, mutable="intermediates")
     (mean,) = sown["intermediates"]["batch_input_mean"]
     return adapters, mean
 

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from d2l_jax.hypernet.hypernet import join_stats, split_stats
 from d2l_jax.models.families import EXECUTION_FIELDS, DecoderConfig
 
 
@@ -92,9 +93,10 @@ class Checkpointer:
         return self.manager.latest_step()
 
     def save(self, step: int, state, config: dict, base: dict, data_iterator=None, force: bool = False) -> bool:
-        """Starts saving ``state`` (a TrainState) at ``step``; returns whether a save started."""
+        """Starts saving ``state`` (a TrainState) at ``step``; returns whether a save started. The ``params``
+        item holds the hypernetwork's variables (parameters and statistics: all that inference reads)."""
         items = dict(
-            params=ocp.args.StandardSave(state.params),
+            params=ocp.args.StandardSave(join_stats(state.params, state.stats)),
             optimizer=ocp.args.StandardSave({"step": state.step, "opt_state": state.opt_state}),
             config=ocp.args.JsonSave(config),
             base=ocp.args.JsonSave(_jsonable(base)),
@@ -119,12 +121,24 @@ class Checkpointer:
         step = self._step(step)
         return self._restore(step, **{item: ocp.args.JsonRestore()})[item]
 
-    def restore_params(self, abstract_params, base: dict, step: int | None = None):
-        """The hypernetwork parameters at ``step`` (latest by default), placed like ``abstract_params``
-        (``jax.ShapeDtypeStruct`` leaves with shardings). Checks the base model first."""
+    def restore_params(self, abstract_variables, base: dict, step: int | None = None):
+        """The hypernetwork's variables at ``step`` (latest by default), placed like ``abstract_variables``
+        (``jax.ShapeDtypeStruct`` leaves with shardings). Checks the base model first.
+
+        Checkpoints written while the head's input mean was a parameter (``head/input_mean``) are read too.
+        """
         step = self._step(step)
         check_base(self.read_json("base", step), base, self.directory)
-        return self._restore(step, params=ocp.args.StandardRestore(abstract_params))["params"]
+        try:
+            return self._restore(step, params=ocp.args.StandardRestore(abstract_variables))["params"]
+        except CheckpointCorruptError:
+            params, stats = split_stats(abstract_variables)
+            if "input_mean" not in stats:
+                raise
+        legacy = dict(params, head=dict(params["head"], input_mean=stats["input_mean"]))
+        restored = self._restore(step, params=ocp.args.StandardRestore(legacy))["params"]
+        head = dict(restored["head"])
+        return join_stats(dict(restored, head=head), {"input_mean": head.pop("input_mean")})
 
     def restore(self, abstract_state, base: dict, data_iterator=None, step: int | None = None):
         """(TrainState, step) restored onto the shardings of ``abstract_state``; the data iterator, if
@@ -132,15 +146,14 @@ class Checkpointer:
         step = self._step(step)
         check_base(self.read_json("base", step), base, self.directory)
         items = dict(
-            params=ocp.args.StandardRestore(abstract_state.params),
+            params=ocp.args.StandardRestore(join_stats(abstract_state.params, abstract_state.stats)),
             optimizer=ocp.args.StandardRestore({"step": abstract_state.step, "opt_state": abstract_state.opt_state}),
         )
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
         restored = self._restore(step, **items)
-        state = abstract_state.replace(
-            params=restored["params"], step=restored["optimizer"]["step"], opt_state=restored["optimizer"]["opt_state"]
-        )
+        params, stats = split_stats(restored["params"])
+        state = abstract_state.replace(params=params, stats=stats, step=restored["optimizer"]["step"], opt_state=restored["optimizer"]["opt_state"])
         return state, step
 
     def wait(self) -> None:

@@ -17,7 +17,7 @@ from d2l_jax.data.chunking import document_affixes
 from d2l_jax.data.examples import ChunkSampling, TrainExampleBuilder
 from d2l_jax.data.pipeline import training_batches
 from d2l_jax.data.sources import make_sources
-from d2l_jax.hypernet.hypernet import init_hypernet
+from d2l_jax.hypernet.hypernet import init_hypernet, join_stats, split_stats
 from d2l_jax.models.base_model import BaseModel
 from d2l_jax.train.checkpoint import Checkpointer, base_identity
 from d2l_jax.train.config import RunConfig
@@ -80,8 +80,8 @@ def initial_params(init_from: str | Path, trainer: Trainer, identity: dict[str, 
         shapes = lambda hyper: jax.tree.map(lambda x: x.shape, jax.eval_shape(lambda: nn.unbox(init_hypernet(hyper, trainer.base, jax.random.key(0)))))
         if shapes(saved) != shapes(trainer.hyper):
             raise ValueError(f"init_from={str(init_from)!r}: its hypernetwork's parameter shapes differ from this run's hypernet config")
-        abstract = trainer.abstract_state().params
-        return checkpoints.restore_params(abstract, identity, step)
+        state = trainer.abstract_state()
+        return checkpoints.restore_params(join_stats(state.params, state.stats), identity, step)
     finally:
         checkpoints.close()
 
@@ -115,7 +115,8 @@ def train(
         log.info("resumed from step %d", step)
     elif run.init_from:
         # A fresh optimizer state is zeros whatever the parameters' values, so only the parameters change.
-        state, step = trainer.init_state().replace(params=initial_params(run.init_from, trainer, identity)), 0
+        params, stats = split_stats(initial_params(run.init_from, trainer, identity))
+        state, step = trainer.init_state().replace(params=params, stats=stats), 0
         log.info("initialised the hypernetwork from %s", run.init_from)
     else:
         state, step = trainer.init_state(), 0
@@ -142,7 +143,7 @@ def train(
 
     def run_eval() -> None:
         nonlocal evaluated_at
-        result = evaluator(D2L(base, run.hypernet, state.params, run.execution))
+        result = evaluator(D2L(base, run.hypernet, join_stats(state.params, state.stats), run.execution))
         writer.write(step, {k: v for k, v in result.items() if isinstance(v, float)})
         log.info("step %d: %s", step, result)
         summary.update(result)

@@ -3,7 +3,8 @@
 Every loss here takes student logits ``[B, P, V]`` at the P label positions of each row (row = one
 query about one context) and a ``[B, P]`` mask of real label tokens, and returns the per-context
 average of the reference: the token mean of each row, then the mean over rows that have labels.
-Losses are computed in float32.
+Losses are computed in float32. ``train.distillation.DistillationLoss`` picks one of ``LOSS_TYPES`` for
+both meta-training and context distillation.
 """
 
 from __future__ import annotations

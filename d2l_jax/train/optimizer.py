@@ -11,7 +11,7 @@ from flax import traverse_util
 from d2l_jax.train.config import TrainConfig
 
 # Parameters whose path contains one of these (lowercased) get no weight decay.
-NO_DECAY = ("norm", "scaler", "bias", "latents_q", "input_mean")
+NO_DECAY = ("norm", "scaler", "bias", "latents_q")
 
 
 def cosine_schedule(peak: float, steps: int, warmup_steps: int = 0, end_value: float = 0.0) -> optax.Schedule:

@@ -27,7 +27,7 @@ from flax import struct
 
 from d2l_jax import sharding
 from d2l_jax.hypernet.config import HypernetConfig, HypernetExecution
-from d2l_jax.hypernet.hypernet import batch_centered_document_adapters, document_adapters, init_hypernet
+from d2l_jax.hypernet.hypernet import batch_centered_document_adapters, document_adapters, init_hypernet, join_stats, split_stats
 from d2l_jax.models.decoder import Decoder
 from d2l_jax.models.families import DecoderConfig
 from d2l_jax.train import losses
@@ -39,17 +39,21 @@ from d2l_jax.train.optimizer import learning_rate_schedule, make_optimizer
 
 @struct.dataclass
 class TrainState:
-    """What an optimizer step changes: the step count, hypernetwork parameters and optimizer state."""
+    """What a training step changes: the step count, the hypernetwork's parameters, its statistics (the
+    head's running input mean, ``{}`` without ``center_head_input``; no optimizer sees them) and the
+    optimizer state."""
 
     step: jax.Array
     params: Any
+    stats: Any
     opt_state: Any
 
 
 def micro_batch_loss(
     params, base_params, batch, *, hyper: HypernetConfig, base: DecoderConfig, train: TrainConfig, execution: HypernetExecution = HypernetExecution()
 ):
-    """(total loss, metrics) of one micro-batch; gradients flow into ``params`` only.
+    """(total loss, metrics) of one micro-batch; ``params`` are the hypernetwork's variables (parameters and
+    statistics, see ``hypernet.join_stats``); gradients flow into them only.
 
     With ``center_head_input`` (and the mean not frozen) the metrics carry ``head_input_mean``, the batch
     mean the head centred on."""
@@ -88,7 +92,7 @@ def micro_batch_loss(
 def train_step(state: TrainState, base_params, batch, *, hyper, base, train, optimizer, execution):
     """One optimizer update from ``A`` micro-batches (gradients and metrics averaged over them)."""
     loss = functools.partial(micro_batch_loss, hyper=hyper, base=base, train=train, execution=execution)
-    grad_fn = jax.value_and_grad(loss, has_aux=True)
+    grad_fn = jax.value_and_grad(lambda params, *args: loss(join_stats(params, state.stats), *args), has_aux=True)
 
     def grads_and_metrics(micro):
         (_, metrics), grads = grad_fn(state.params, base_params, micro)
@@ -106,23 +110,22 @@ def train_step(state: TrainState, base_params, batch, *, hyper, base, train, opt
     metrics["label_tokens"] = metrics["label_tokens"] * micro_batches
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    stats = state.stats
     if "head_input_mean" in metrics:
-        params = _update_head_input_mean(params, state, metrics.pop("head_input_mean"))
+        stats = _updated_head_input_mean(state, metrics.pop("head_input_mean"))
     metrics["grad_norm"] = optax.tree.norm(grads)
     metrics["learning_rate"] = learning_rate_schedule(train)(state.step)
-    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    return TrainState(step=state.step + 1, params=params, stats=stats, opt_state=opt_state), metrics
 
 
 HEAD_INPUT_MOMENTUM = 0.9
 
 
-def _update_head_input_mean(params, state: TrainState, batch_mean):
-    """``input_mean`` <- its running mean (momentum ``HEAD_INPUT_MOMENTUM``) with this step's mean over
-    real chunks (what the step centred on), for use after training; the first step sets it."""
-    old = state.params["head"]["input_mean"]
+def _updated_head_input_mean(state: TrainState, batch_mean) -> dict:
+    """The statistics with ``input_mean`` <- its running mean (momentum ``HEAD_INPUT_MOMENTUM``) with this
+    step's mean over real chunks (what the step centred on), for use after training; the first step sets it."""
     momentum = jnp.where(state.step == 0, 0.0, HEAD_INPUT_MOMENTUM)
-    head = dict(params["head"], input_mean=momentum * old + (1 - momentum) * batch_mean)
-    return dict(params, head=head)
+    return dict(state.stats, input_mean=momentum * state.stats["input_mean"] + (1 - momentum) * batch_mean)
 
 
 class Trainer:
@@ -149,10 +152,11 @@ class Trainer:
         if train.batch_size % rows:
             raise ValueError(f"batch_size={train.batch_size} must be a multiple of the data x fsdp mesh size {rows}")
 
-        boxed_params = jax.eval_shape(lambda: init_hypernet(hyper, base, jax.random.key(0)))
+        boxed_params, boxed_stats = split_stats(jax.eval_shape(lambda: init_hypernet(hyper, base, jax.random.key(0))))
         boxed_state = TrainState(
             step=jax.ShapeDtypeStruct((), jnp.int32),
             params=boxed_params,
+            stats=boxed_stats,
             opt_state=jax.eval_shape(self.optimizer.init, boxed_params),
         )
         self.state_shardings = sharding.logical_shardings(boxed_state, self.mesh)
@@ -176,8 +180,8 @@ class Trainer:
         self.flops_per_step: float | None = None
 
     def _fresh_state(self, key) -> TrainState:
-        params = nn.unbox(init_hypernet(self.hyper, self.base, key))
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.optimizer.init(params))
+        params, stats = split_stats(nn.unbox(init_hypernet(self.hyper, self.base, key)))
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, stats=stats, opt_state=self.optimizer.init(params))
 
     def init_state(self, key=None) -> TrainState:
         """A fresh training state (hypernetwork initialised from ``train.seed`` unless ``key`` is given)."""

@@ -3,13 +3,14 @@
 import dataclasses
 import itertools
 
+import chex
 import numpy as np
 import pytest
 
 from d2l_jax.data.chunking import document_affixes
 from d2l_jax.data.examples import BatchShapes, ChunkSampling, TrainExampleBuilder, collate, student_messages
 from d2l_jax.data.niah import NIAHSource
-from d2l_jax.data.pipeline import RecordSource, training_batches
+from d2l_jax.data.pipeline import training_batches
 
 RECORD = {"context": "The vault code is 4817. The vault is in Lisbon.", "prompt": "What is the vault code?", "response": "4817"}
 SHAPES = BatchShapes(max_chunk_len=64, chunks_per_context=3, max_student_len=48, max_labels=8, max_teacher_len=80)
@@ -36,7 +37,8 @@ def test_student_and_teacher_sequences(smollm2, builder):
 def test_collate_positions_and_padding(builder):
     examples = [builder(RECORD, np.random.default_rng(i)) for i in range(4)]
     batch = collate(examples, SHAPES, micro_batches=2)
-    assert batch["tokens"].shape == (2, 2, 48) and batch["ctx_tokens"].shape == (2, 6, 64)
+    chex.assert_shape(batch["tokens"], (2, 2, 48))
+    chex.assert_shape(batch["ctx_tokens"], (2, 6, 64))
     ex = examples[0]
     n = ex["label_end"] - ex["label_start"]
     positions = batch["label_positions"][0, 0, :n]
@@ -70,7 +72,7 @@ def test_chunk_sampling_follows_the_reference_rule(smollm2):
     assert "".join(tok.decode(c) for c in ex["chunks"]).count("4817") == 1
 
 
-def test_pipeline_state_round_trip_and_record_files(smollm2, builder, tmp_path):
+def test_pipeline_state_round_trip(smollm2, builder):
     source = NIAHSource(smollm2.tokenizer, "train", 8, 37, 100)
     shapes = BatchShapes(max_chunk_len=64, chunks_per_context=1, max_student_len=48, max_labels=8, max_teacher_len=96)
     iterator = iter(training_batches([source, source], builder, shapes, batch_size=2, seed=3))
@@ -78,12 +80,7 @@ def test_pipeline_state_round_trip_and_record_files(smollm2, builder, tmp_path):
     state = iterator.get_state()
     expected = [next(iterator)["tokens"] for _ in range(3)]
     iterator.set_state(state)
-    for want in expected:
-        np.testing.assert_array_equal(next(iterator)["tokens"], want)
-    path = tmp_path / "records.jsonl"
-    path.write_text('{"context": "c", "prompt": "p", "response": "r"}\n{"context": "c"}\n')
-    with pytest.raises(ValueError, match="record 1 lacks"):
-        RecordSource(path)
+    chex.assert_trees_all_equal([next(iterator)["tokens"] for _ in range(3)], expected)
 
 
 def test_a_source_none_of_whose_records_fit_fails_instead_of_waiting_forever(smollm2, builder):

@@ -18,9 +18,11 @@ from d2l_jax.data.niah import (
     SPLITS,
     NIAHSource,
     blocks_for_tokens,
+    cell_records,
     first_number,
     needle_index_range,
     niah_context,
+    niah_record,
     split_numbers,
 )
 
@@ -115,6 +117,50 @@ def test_records_are_consistent(tokenizer):
         assert record["prompt"] == NIAH_PROMPT
         assert record["response"] == f"{record['number']:04d}" and len(record["response"]) == 4
         assert first_number(record["context"]) == record["response"]
+
+
+def test_niah_record():
+    record = niah_record(num_blocks=12, depth_bin=5, needle_index=6, number=42)
+    assert record == {
+        "context": niah_context(12, 6, 42),
+        "prompt": NIAH_PROMPT,
+        "response": "0042",
+        "num_blocks": 12,
+        "depth_bin": 5,
+        "needle_index": 6,
+        "number": 42,
+    }
+    with pytest.raises(ValueError, match="needle_index"):
+        niah_record(num_blocks=3, depth_bin=9, needle_index=3, number=1)
+
+
+def test_records_are_pinned(tokenizer):
+    """Records drawn before NIAHSource and cell_records shared niah_record: they must never change."""
+    fields = lambda r: {k: r[k] for k in ("num_blocks", "depth_bin", "needle_index", "number", "response")}
+    source = NIAHSource(tokenizer, "train", 32, 128, num_records=10)
+    assert fields(source[3]) == {"num_blocks": 2, "depth_bin": 3, "needle_index": 0, "number": 2003, "response": "2003"}
+    cell = cell_records(tokenizer, 200, 400, 7, 2, seed=5)
+    assert [fields(r) | {"context_tokens": r["context_tokens"]} for r in cell] == [
+        {"num_blocks": 11, "depth_bin": 7, "needle_index": 8, "number": 9261, "response": "9261", "context_tokens": 261},
+        {"num_blocks": 15, "depth_bin": 7, "needle_index": 11, "number": 3406, "response": "3406", "context_tokens": 361},
+    ]
+    for r in [source[i] for i in range(len(source))] + cell:  # both built by niah_record
+        built = niah_record(r["num_blocks"], r["depth_bin"], r["needle_index"], r["number"])
+        assert {k: v for k, v in r.items() if k != "context_tokens"} == built
+
+
+def test_cell_records_follow_the_bin_and_depth(tokenizer):
+    records = cell_records(tokenizer, 200, 400, 7, 4, seed=5)
+    assert records == cell_records(tokenizer, 200, 400, 7, 4, seed=5)
+    assert len({r["num_blocks"] for r in records}) > 1  # spread over the bin, not all at its low end
+    for r in records:
+        assert 200 <= r["context_tokens"] < 400 and r["context_tokens"] == num_tokens(tokenizer, r["context"])
+        start, end = needle_index_range(r["num_blocks"], 7)
+        assert start <= r["needle_index"] <= end and r["depth_bin"] == 7
+        assert f"The special magic number is {r['response']}." in r["context"]
+        assert r["number"] in split_numbers("test")
+    assert records != cell_records(tokenizer, 200, 400, 7, 4, seed=6)
+    assert {r["number"] for r in cell_records(tokenizer, 200, 400, 7, 4, seed=5, split="val")} <= set(split_numbers("val").tolist())
 
 
 def test_depth_bins_and_block_counts_are_spread_evenly(tokenizer):

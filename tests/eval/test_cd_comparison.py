@@ -4,9 +4,8 @@ import numpy as np
 import pytest
 
 from d2l_jax.data.examples import student_messages
-from d2l_jax.data.niah import first_number
+from d2l_jax.data.niah import cell_records, first_number
 from d2l_jax.eval.cd_comparison import compare_with_cd
-from d2l_jax.eval.sweep import cell_records
 
 
 @pytest.fixture(scope="module")

@@ -1,19 +1,20 @@
-"""The NIAH sweep runner, chunked internalization of long documents, and the efficiency figures, on a
-tiny random base model with SmolLM2's tokenizer."""
+"""The NIAH sweep and efficiency drivers with their method functions, results file and figures, and
+chunked internalization of long documents, on a tiny random base model with SmolLM2's tokenizer."""
 
 import dataclasses
 import json
 
-import numpy as np
+import chex
 import pytest
 
 import d2l_jax
 from d2l_jax.data.examples import student_messages
-from d2l_jax.data.niah import needle_index_range
-from d2l_jax.eval.in_context import truncate_middle
-from d2l_jax.hypernet.adapter import delta_weights, segmented_adapter
-from d2l_jax.eval import sweep
+from d2l_jax.eval import plots, sweep
 from d2l_jax.eval.efficiency import kv_cache_bytes
+from d2l_jax.eval.in_context import truncate_middle
+from d2l_jax.eval.niah_methods import METHODS, niah_methods
+from d2l_jax.eval.results_store import RESULTS_FILE
+from d2l_jax.hypernet.adapter import delta_weights, segmented_adapter
 from tests.eval.conftest import TINY_BASE, TINY_HYPER
 
 SHORT, LONG = (8, 64), (520, 600)  # LONG is past the tiny model's 512-token window
@@ -21,7 +22,12 @@ SETTINGS = sweep.SweepSettings(bins=(SHORT, LONG), depths=(0, 9), samples_per_ce
 DOC = "The vault code is 4817 and the vault is in Lisbon, near the river. " * 6
 
 
-def counting(methods):
+def counting(d2l):
+    """SETTINGS' method functions, each counting its calls in the returned dict."""
+    methods = niah_methods(
+        d2l, SETTINGS.methods, max_new_tokens=SETTINGS.max_new_tokens, batch_size=SETTINGS.batch_size,
+        icl_batch_tokens=SETTINGS.icl_batch_tokens, progress=False,
+    )
     calls = {name: 0 for name in methods}
 
     def wrap(name, fn):
@@ -37,7 +43,7 @@ def counting(methods):
 @pytest.fixture(scope="module")
 def swept(tiny_d2l, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("sweep")
-    methods, calls = counting(sweep.niah_methods(tiny_d2l, SETTINGS, progress=False))
+    methods, calls = counting(tiny_d2l)
     records = sweep.run_sweep(tiny_d2l, SETTINGS, workdir, identity={"checkpoint": "tiny"}, methods=methods, progress=False)
     return workdir, records, calls
 
@@ -49,11 +55,11 @@ def by_cell(records):
 def test_sweep_writes_every_cell(tiny_d2l, swept):
     workdir, records, calls = swept
     assert calls == {"d2l": 4, "icl": 4, "truncated_icl": 4, "base": 4}  # 2 lengths x 2 depths each
-    stored = json.loads((workdir / "results.json").read_text())
+    stored = json.loads((workdir / RESULTS_FILE).read_text())
     assert stored["records"] == records and stored["identity"] == {"checkpoint": "tiny"}
     cells = by_cell(records)
     assert len(cells) == len(records) == 16
-    assert set(cells) == {(m, hi, d) for m in sweep.METHODS for hi in (64, 600) for d in (0, 9)}
+    assert set(cells) == {(m, hi, d) for m in METHODS for hi in (64, 600) for d in (0, 9)}
     for r in records:
         assert r["kind"] == "niah" and r["seed"] == 0 and r["n"] == 2 and r["lo"] in (8, 520)
         assert r["length"] == r["hi"] and r["split"] == "test" and r["max_new_tokens"] == 4
@@ -85,18 +91,18 @@ def test_window_exceeding_icl_cells_are_marked_not_run(swept):
 
 def test_resume_skips_finished_cells(tiny_d2l, swept, tmp_path):
     workdir, records, _ = swept
-    before = (workdir / "results.json").read_text()
-    methods, calls = counting(sweep.niah_methods(tiny_d2l, SETTINGS, progress=False))
+    before = (workdir / RESULTS_FILE).read_text()
+    methods, calls = counting(tiny_d2l)
     again = sweep.run_sweep(tiny_d2l, SETTINGS, workdir, identity={"checkpoint": "tiny"}, methods=methods, progress=False)
     assert calls == {"d2l": 0, "icl": 0, "truncated_icl": 0, "base": 0}
     assert again == records
-    assert json.loads((workdir / "results.json").read_text())["records"] == json.loads(before)["records"]
+    assert json.loads((workdir / RESULTS_FILE).read_text())["records"] == json.loads(before)["records"]
 
     # An interrupted sweep: only the long-length cells of d2l and base are missing.
     partial = json.loads(before)
     partial["records"] = [r for r in partial["records"] if not (r["hi"] == 600 and r["method"] in ("d2l", "base"))]
-    (tmp_path / "results.json").write_text(json.dumps(partial))
-    methods, calls = counting(sweep.niah_methods(tiny_d2l, SETTINGS, progress=False))
+    (tmp_path / RESULTS_FILE).write_text(json.dumps(partial))
+    methods, calls = counting(tiny_d2l)
     resumed = sweep.run_sweep(tiny_d2l, SETTINGS, tmp_path, methods=methods, progress=False)
     assert calls == {"d2l": 2, "icl": 0, "truncated_icl": 0, "base": 2}
     assert set(by_cell(resumed)) == set(by_cell(records)) and len(resumed) == 16
@@ -110,9 +116,9 @@ def test_resume_skips_finished_cells(tiny_d2l, swept, tmp_path):
 
 def test_plots_are_written(swept):
     workdir, records, _ = swept
-    paths = sweep.write_plots(records, workdir, window=512, title="tiny")
+    paths = plots.write_plots(records, workdir, window=512, title="tiny")
     names = sorted(p.name for p in paths)
-    assert names == sorted([f"niah_heatmap_{m}.png" for m in sweep.METHODS] + ["niah_accuracy_by_length.png"])
+    assert names == sorted([f"niah_heatmap_{m}.png" for m in METHODS] + ["niah_accuracy_by_length.png"])
     for path in paths:
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 1000
 
@@ -128,19 +134,6 @@ def test_accuracy_is_exact_match_of_the_first_number(tiny_d2l, tmp_path):
     assert cells["d2l", 64, 3]["accuracy"] == 1.0 and cells["d2l", 64, 3]["correct"] == 3
     expected = sum(r == "0000" for r in cells["base", 64, 3]["responses"]) / 3
     assert cells["base", 64, 3]["accuracy"] == expected
-
-
-def test_cell_records_follow_the_bin_and_depth(tiny_d2l):
-    tokenizer = tiny_d2l.base.tokenizer
-    records = sweep.cell_records(tokenizer, 200, 400, 7, 4, seed=5)
-    assert records == sweep.cell_records(tokenizer, 200, 400, 7, 4, seed=5)
-    assert len({r["num_blocks"] for r in records}) > 1  # spread over the bin, not all at its low end
-    for r in records:
-        assert 200 <= r["context_tokens"] < 400
-        start, end = needle_index_range(r["num_blocks"], 7)
-        assert start <= r["needle_index"] <= end and r["depth_bin"] == 7
-        assert f"The special magic number is {r['response']}." in r["context"]
-    assert records != sweep.cell_records(tokenizer, 200, 400, 7, 4, seed=6)
 
 
 def test_settings_are_checked():
@@ -178,8 +171,8 @@ def test_long_internalization_equals_one_pass(tiny_d2l, dense_above_rank):
     ids = base.chat_ids(student_messages("Where is the vault?"))
     for adapter in (long, by_default):
         assert (adapter.num_chunks, adapter.num_tokens) == (one_pass.num_chunks, one_pass.num_tokens)
-        np.testing.assert_allclose(delta_weights(adapter, "down_proj"), delta_weights(one_pass, "down_proj"), rtol=1e-4, atol=1e-6)
-        np.testing.assert_allclose(tiny_d2l.logits([ids], adapter=adapter), roomy.logits([ids], adapter=one_pass), rtol=1e-4, atol=1e-4)
+        chex.assert_trees_all_close(delta_weights(adapter, "down_proj"), delta_weights(one_pass, "down_proj"), rtol=1e-4, atol=1e-6)
+        chex.assert_trees_all_close(tiny_d2l.logits([ids], adapter=adapter), roomy.logits([ids], adapter=one_pass), rtol=1e-4, atol=1e-4)
 
 
 def test_generate_ids_refuses_a_prompt_past_the_window(tiny_d2l):
@@ -241,5 +234,5 @@ def test_efficiency_records(tiny_d2l, tmp_path):
     other_budget = dataclasses.replace(settings, cd_steps=2, efficiency_bins=(SHORT,))
     added = sweep.run_efficiency(tiny_d2l, other_budget, tmp_path, progress=False)[len(records) :]
     assert [(r["method"], r["cd_steps"]) for r in added] == [("cd", 2)]  # a new budget is a new cell
-    paths = sweep.write_plots(records, tmp_path, window=512)
+    paths = plots.write_plots(records, tmp_path, window=512)
     assert [p.name for p in paths] == ["efficiency_by_length.png"] and paths[0].stat().st_size > 1000

@@ -457,21 +457,22 @@ def test_centering_subtracts_the_stored_or_the_batch_mean_from_the_head_inputs()
     config = TINY_HYPER.replace(center_head_input=True, num_pre_head_layers=0)
     shape = (config.num_adapted(TINY_BASE), 3, len(config.target_modules), config.lora_rank, config.latent_size)
     latents = jax.random.normal(jax.random.key(0), shape)
-    params = nn.unbox(LoRAHead(config, TINY_BASE).init(jax.random.key(1), latents))["params"]
-    params = {k: jnp.ones_like(v) if k.startswith("scaler_B") else v for k, v in params.items()}
-    mean = jax.random.normal(jax.random.key(2), params["input_mean"].shape)
-    centred = LoRAHead(config, TINY_BASE).apply({"params": dict(params, input_mean=mean)}, latents)
-    plain_params = {k: v for k, v in params.items() if k != "input_mean"}
-    plain = LoRAHead(config.replace(center_head_input=False), TINY_BASE).apply({"params": plain_params}, latents - mean[:, None])
-    uncentred = LoRAHead(config, TINY_BASE).apply({"params": params}, latents)
+    variables = nn.unbox(LoRAHead(config, TINY_BASE).init(jax.random.key(1), latents))
+    params = {k: jnp.ones_like(v) if k.startswith("scaler_B") else v for k, v in variables["params"].items()}
+    stats = variables["stats"]  # the mean is a statistic beside the parameters, not one of them
+    assert "input_mean" not in params and not np.any(stats["input_mean"])
+    mean = jax.random.normal(jax.random.key(2), stats["input_mean"].shape)
+    centred = LoRAHead(config, TINY_BASE).apply({"params": params, "stats": {"input_mean": mean}}, latents)
+    plain = LoRAHead(config.replace(center_head_input=False), TINY_BASE).apply({"params": params}, latents - mean[:, None])
+    uncentred = LoRAHead(config, TINY_BASE).apply({"params": params, "stats": stats}, latents)
     for got, want, other in zip(centred, plain, uncentred):
         for module in config.target_modules:
             np.testing.assert_allclose(got[module], want[module], rtol=1e-5, atol=1e-6)
             assert np.abs(np.asarray(got[module] - other[module])).max() > 1e-3
     # Training centres on the mean over the chunks it is told are real (here the first two of three).
-    on_batch = LoRAHead(config, TINY_BASE).apply({"params": params}, latents, center_on=jnp.array([True, True, False]))
+    on_batch = LoRAHead(config, TINY_BASE).apply({"params": params, "stats": stats}, latents, center_on=jnp.array([True, True, False]))
     batch_mean = latents[:, :2].mean(axis=1)
-    on_stored = LoRAHead(config, TINY_BASE).apply({"params": dict(params, input_mean=batch_mean)}, latents)
+    on_stored = LoRAHead(config, TINY_BASE).apply({"params": params, "stats": {"input_mean": batch_mean}}, latents)
     for got, want in zip(on_batch, on_stored):
         for module in config.target_modules:
             np.testing.assert_allclose(got[module], want[module], rtol=1e-5, atol=1e-6)

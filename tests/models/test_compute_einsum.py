@@ -1,6 +1,7 @@
 """compute_einsum: float32 equals einsum in value and gradient; bfloat16 multiplies bfloat16 operands and
 sums in float32 in both passes, with the result in the asked dtype and gradients in each operand's dtype."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -28,8 +29,7 @@ def test_float32_equals_einsum_in_value_and_gradient(spec):
     loss = lambda f: lambda x, y: (f(x, y) * weights).sum()
     ours = jax.value_and_grad(loss(lambda x, y: compute_einsum(spec, x, y, jnp.float32)), argnums=(0, 1))(x, y)
     plain = jax.value_and_grad(loss(lambda x, y: jnp.einsum(spec, x, y)), argnums=(0, 1))(x, y)
-    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(plain)):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    chex.assert_trees_all_close(ours, plain, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("spec", SPECS)
@@ -38,7 +38,7 @@ def test_bfloat16_rounds_operands_and_sums_in_float32(spec):
     cotangent = jax.random.normal(key, jnp.einsum(spec, x, y).shape).astype(jnp.bfloat16)
     out, vjp = jax.vjp(lambda x, y: compute_einsum(spec, x, y, jnp.bfloat16), x, y)
     dx, dy = vjp(cotangent)
-    assert (out.dtype, dx.dtype, dy.dtype) == (jnp.bfloat16, jnp.float32, jnp.float32)
+    chex.assert_type([out, dx, dy], [jnp.bfloat16, jnp.float32, jnp.float32])
     rounded = lambda a: np.asarray(a.astype(jnp.bfloat16).astype(jnp.float32), np.float64)
     xr, yr, cr = rounded(x), rounded(y), rounded(cotangent)
     lhs, rhs_out = spec.replace("...", "YZ").split(",")  # numpy's einsum does not sum over an ellipsis
@@ -46,7 +46,7 @@ def test_bfloat16_rounds_operands_and_sums_in_float32(spec):
     # Exact products of the rounded operands summed in float64; float32 sums differ by a few ulps only.
     np.testing.assert_allclose(out.astype(jnp.float32), rounded(np.einsum(f"{lhs},{rhs}->{out_spec}", xr, yr)), rtol=1e-2, atol=1e-2)
     wide = compute_einsum(spec, x, y, jnp.bfloat16, jnp.float32)
-    assert wide.dtype == jnp.float32
+    chex.assert_type(wide, jnp.float32)
     np.testing.assert_allclose(wide, np.einsum(f"{lhs},{rhs}->{out_spec}", xr, yr), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(dx, np.einsum(f"{out_spec},{rhs}->{lhs}", cr, yr), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(dy, np.einsum(f"{lhs},{out_spec}->{rhs}", xr, cr), rtol=1e-5, atol=1e-5)

@@ -1,5 +1,6 @@
 """The Flax decoder is the same function as the transformers PyTorch model (tiny random checkpoints)."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -88,9 +89,8 @@ def test_hidden_states_match_torch(tiny_llama):
     with torch.no_grad():
         theirs = torch_model(torch.as_tensor(ids), output_hidden_states=True).hidden_states
     assert out.logits is None
-    assert out.hidden_states.shape == (model.config.num_layers + 1, 1, 9, model.config.hidden_size)
-    for ours, expected in zip(np.asarray(out.hidden_states), theirs, strict=True):
-        np.testing.assert_allclose(ours, expected.numpy(), atol=TOL, rtol=0)
+    chex.assert_shape(out.hidden_states, (model.config.num_layers + 1, 1, 9, model.config.hidden_size))
+    chex.assert_trees_all_close(tuple(np.asarray(out.hidden_states)), tuple(h.numpy() for h in theirs), atol=TOL, rtol=0)
 
 
 def test_logits_at_positions_equal_full_logits(tiny_llama):
@@ -182,6 +182,6 @@ def test_late_lora_logits_equal_the_full_model_in_value_and_gradient(tiny_llama,
 
     np.testing.assert_allclose(np.asarray(late(a, b)), np.asarray(full(a, b)), atol=1e-5, rtol=1e-5)
     loss = lambda f: lambda a, b: jnp.sum(jnp.sin(f(a, b)))
-    for got, want in zip(jax.grad(loss(late), (0, 1))(a, b), jax.grad(loss(full), (0, 1))(a, b)):
-        assert float(jnp.abs(want).max()) > 0
-        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=1e-4)
+    got, want = jax.grad(loss(late), (0, 1))(a, b), jax.grad(loss(full), (0, 1))(a, b)
+    assert all(float(jnp.abs(g).max()) > 0 for g in want)
+    chex.assert_trees_all_close(got, want, atol=1e-5, rtol=1e-4)

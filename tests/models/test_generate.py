@@ -1,5 +1,6 @@
 """KV-cache generation agrees with full forwards; padding, batching, stopping and sampling behave."""
 
+import chex
 import jax
 import numpy as np
 import pytest
@@ -60,9 +61,7 @@ def test_cached_step_logits_equal_full_forward(tiny_llama, prompts):
 
 def test_left_padded_batch_equals_single_prompts(tiny_llama, prompts):
     model, _ = tiny_llama
-    batched = run(model, prompts, 9)
-    for row, prompt in enumerate(prompts):
-        np.testing.assert_array_equal(batched[row], run(model, [prompt], 9, length=12)[0])
+    chex.assert_trees_all_equal(list(run(model, prompts, 9)), [run(model, [prompt], 9, length=12)[0] for prompt in prompts])
 
 
 def test_stops_at_stop_token(tiny_llama, prompts):

@@ -1,5 +1,6 @@
 """The LoRA argument: zero adapters are exact no-ops, adapters equal merged weights, rows are independent."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -56,10 +57,9 @@ def test_rows_carry_their_own_adapters(tiny_llama):
     model, _ = tiny_llama
     ids = np.random.default_rng(3).integers(0, model.config.vocab_size, (3, 8))
     lora = random_lora(model.config, 3, ["down_proj", "q_proj"], seed=4)
-    batched = np.asarray(model.logits(ids, lora=lora))
-    for row in range(3):
-        single = LoRA(A={k: v[row : row + 1] for k, v in lora.A.items()}, B={k: v[row : row + 1] for k, v in lora.B.items()}, alpha=lora.alpha)
-        np.testing.assert_allclose(batched[row], np.asarray(model.logits(ids[row : row + 1], lora=single))[0], atol=1e-5)
+    rows = [jax.tree.map(lambda v: v[row : row + 1], lora) for row in range(3)]
+    alone = [np.asarray(model.logits(ids[row : row + 1], lora=single))[0] for row, single in enumerate(rows)]
+    chex.assert_trees_all_close(list(np.asarray(model.logits(ids, lora=lora))), alone, atol=1e-5, rtol=1e-7)
 
 
 @pytest.mark.parametrize(

@@ -107,7 +107,7 @@ def test_d2l_and_cd_steps_give_the_same_loss_for_the_same_student(base_params, k
     )
     batch = {name: micro[name] for name in ("tokens", "mask", "label_positions", "labels", "label_mask")} | targets
     lora_params = {"A": {m: a[0] for m, a in lora.A.items()}, "B": {m: b[0] for m, b in lora.B.items()}}
-    spec = cd._StepSpec(alpha=lora.alpha, loss=distillation, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01)
+    spec = cd._StepSpec(alpha=lora.alpha, distillation=distillation, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01)
     opt_state = spec.optimizer(0.0).init(lora_params)
     _, _, cd_loss = cd._cd_train_step(BASE, spec, base_params, lora_params, opt_state, batch, jnp.float32(1e-3))
 
@@ -127,7 +127,8 @@ def test_adamw_is_torchs_decoupled_adamw_at_a_traced_rate():
     step = jax.jit(lambda rate: optimizer(rate).update(grads, optimizer(0.0).init(params), params)[0])
     for rate in (1e-2, 3e-3):
         direction = grads["w"] / (jnp.abs(grads["w"]) + 1e-8) + 0.1 * params["w"]
-        chex.assert_trees_all_close(step(jnp.float32(rate)), {"w": -rate * direction}, rtol=1e-6)
+        # (float32 bias corrections: 1 - 0.999 is not exactly 1e-3)
+        chex.assert_trees_all_close(step(jnp.float32(rate)), {"w": -rate * direction}, rtol=2e-5)
     assert step._cache_size() == 1
 
     schedule = cosine_schedule(2.0, 10)

@@ -6,7 +6,9 @@ import os
 import shutil
 import signal
 from pathlib import Path
+from types import SimpleNamespace
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -14,13 +16,14 @@ import numpy as np
 import pytest
 
 from d2l_jax import D2L, BaseModel
-from d2l_jax.hypernet.config import HypernetConfig
+from d2l_jax.hypernet.config import HypernetConfig, HypernetExecution
 from d2l_jax.models.decoder import Decoder
 from d2l_jax.models.families import DecoderConfig
-from d2l_jax.train.checkpoint import CheckpointCorruptError, CheckpointMismatchError
+from d2l_jax.train.checkpoint import CheckpointCorruptError, Checkpointer, CheckpointMismatchError, base_identity
 from d2l_jax.data.sources import SourceConfig
 from d2l_jax.train.config import DataConfig, RunConfig, TrainConfig
 from d2l_jax.train.loop import train
+from d2l_jax.train.step import Trainer
 
 BASE = DecoderConfig(vocab_size=49152, hidden_size=64, intermediate_size=96, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=512)
 RUN = RunConfig(
@@ -172,3 +175,70 @@ def test_init_from_refuses_a_run_without_checkpoints_or_of_another_shape(base, s
     with pytest.raises(ValueError, match="parameter shapes differ"):
         train(wider, tmp_path / "b", base=base)
     assert files(straight) == before
+
+
+class CountingEvaluator:
+    """An evaluator that records what the loop hands it."""
+
+    def __init__(self):
+        self.calls = []
+
+    def baseline(self):
+        return {"eval/floor": 0.25}
+
+    def __call__(self, d2l):
+        self.calls.append(d2l)
+        return {"eval/b_norm": float(np.abs(np.asarray(d2l.internalize("The number is 7.").B["down_proj"])).max()), "eval/note": "x"}
+
+
+def test_the_loop_calls_the_evaluator_it_is_given(base, tmp_path):
+    evaluator = CountingEvaluator()
+    run = dataclasses.replace(RUN, eval_every=4)
+    result = train(run, tmp_path, base=base, evaluator=evaluator)
+    assert len(evaluator.calls) == 2  # at step 4 and at the end (step 6)
+    assert all(d.config == run.hypernet and d.execution == run.execution for d in evaluator.calls)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    evaluated = [(r["step"], sorted(k for k in r if k.startswith("eval/"))) for r in rows if any(k.startswith("eval/") for k in r)]
+    assert evaluated == [(0, ["eval/floor"]), (4, ["eval/b_norm"]), (6, ["eval/b_norm"])]  # strings are returned, not written
+    assert result["eval/note"] == "x" and result["eval/b_norm"] > 0
+
+
+@pytest.fixture(scope="module")
+def bfloat16_run(base, tmp_path_factory):
+    """A run whose hypernetwork trained with bfloat16 matmuls."""
+    workdir = tmp_path_factory.mktemp("bf16")
+    run = dataclasses.replace(RUN, train=RUN.train.replace(steps=3), execution=HypernetExecution(dtype="bfloat16"))
+    train(run, workdir, base=base)
+    return workdir
+
+
+@pytest.mark.parametrize("trained_in", ["float32", "bfloat16"])
+def test_a_checkpoint_runs_under_another_execution(base, straight, bfloat16_run, trained_in):
+    workdir = straight if trained_in == "float32" else bfloat16_run
+    other = "bfloat16" if trained_in == "float32" else "float32"
+    as_trained = D2L.load(workdir, base=base)
+    assert as_trained.execution == HypernetExecution(dtype=trained_in)  # by default as the run ran it
+    switched = D2L.load(workdir, base=base, execution=HypernetExecution(dtype=other, chunk_group_size=1, scan_unroll=2))
+    assert switched.config == as_trained.config and switched.execution.dtype == other
+    chex.assert_trees_all_equal(switched.params, as_trained.params)  # the checkpoint itself is the same
+    document = "The special magic number is 1234. " * 3
+    [mine], [theirs] = switched.adapters([document]), as_trained.adapters([document])
+    chex.assert_trees_all_close(mine.lora, theirs.lora, rtol=5e-2, atol=2e-3)  # bfloat16 rounding apart
+    assert np.abs(np.asarray(mine.B["down_proj"])).max() > 0
+
+
+def test_a_checkpoint_with_the_head_mean_stored_as_a_parameter_still_loads(base, tmp_path):
+    """Checkpoints written while the head's running input mean was a parameter (``head/input_mean``)."""
+    hyper = RUN.hypernet.replace(center_head_input=True)
+    run = dataclasses.replace(RUN, hypernet=hyper)
+    trainer = Trainer(hyper, base.config, run.train)
+    state = trainer.init_state()
+    mean = jnp.full(state.stats["input_mean"].shape, 0.5)
+    legacy = SimpleNamespace(step=state.step, params=dict(state.params, head=dict(state.params["head"], input_mean=mean)), stats={}, opt_state={})
+    checkpoints = Checkpointer(tmp_path / "checkpoints", async_save=False)
+    checkpoints.save(1, legacy, run.to_json(), base_identity(run.model, base.config, base.params))
+    checkpoints.close()
+    d2l = D2L.load(tmp_path, base=base)
+    np.testing.assert_array_equal(d2l.params["stats"]["input_mean"], mean)
+    assert "input_mean" not in d2l.params["head"]
+    chex.assert_trees_all_equal(d2l.params["perceiver"], state.params["perceiver"])

@@ -10,7 +10,7 @@ from flax import traverse_util
 
 from d2l_jax.hypernet.encoder import context_features
 from d2l_jax.hypernet.head import LoRAHead
-from d2l_jax.hypernet.hypernet import layer_latents
+from d2l_jax.hypernet.hypernet import join_stats, layer_latents
 from d2l_jax.train import losses
 from d2l_jax.train.config import TrainConfig
 from d2l_jax.train.distillation import label_logits
@@ -92,7 +92,8 @@ def test_chunk_groups_skip_padding_without_changing_the_step(base_params):
     for key, value in padding.items():
         x = batch[key]
         batch[key] = np.concatenate([x, np.full((1, 2, *x.shape[2:]), value, x.dtype)], axis=1)
-    params = Trainer(hyper, BASE, TrainConfig(batch_size=2)).init_state().params
+    state = Trainer(hyper, BASE, TrainConfig(batch_size=2)).init_state()
+    params = join_stats(state.params, state.stats)
     micro = jax.tree.map(lambda x: x[0], batch)
     results = []
     for group in (0, 2):
@@ -115,9 +116,9 @@ def test_head_input_mean_is_a_running_mean_over_real_chunks(base_params):
     state, base = trainer.init_state(), trainer.put_base_params(base_params)
 
     @jax.jit
-    def head_inputs(params, tokens, mask):
+    def head_inputs(params, stats, tokens, mask):
         latents = layer_latents(hyper, BASE, params, context_features(hyper, BASE, base_params, tokens, mask), mask)
-        _, captured = LoRAHead(hyper, BASE).apply({"params": params["head"]}, latents, capture_intermediates=True)
+        _, captured = LoRAHead(hyper, BASE).apply({"params": params["head"], "stats": stats}, latents, capture_intermediates=True)
         (inputs,) = captured["intermediates"][f"pre_head_{hyper.num_pre_head_layers - 1}"]["__call__"]  # before centring
         return inputs.reshape(latents.shape)
 
@@ -127,10 +128,11 @@ def test_head_input_mean_is_a_running_mean_over_real_chunks(base_params):
         micro = jax.tree.map(lambda x: x[0], batch)
         real = micro["chunk_document"] < micro["num_chunks"].shape[0]
         assert not real.all()  # the batch has a padding chunk, which must not count
-        mean = head_inputs(state.params, micro["ctx_tokens"][real], micro["ctx_mask"][real]).mean(axis=1)
+        mean = head_inputs(state.params, state.stats, micro["ctx_tokens"][real], micro["ctx_mask"][real]).mean(axis=1)
         expected = momentum * expected + (1 - momentum) * np.asarray(mean)
         state, _ = trainer.step(state, base, trainer.put_batch(batch))
-        np.testing.assert_allclose(state.params["head"]["input_mean"], expected, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(state.stats["input_mean"], expected, rtol=1e-5, atol=1e-5)
+        assert "input_mean" not in state.params["head"]  # no optimizer sees the statistic
 
 
 def test_a_frozen_head_input_mean_centres_on_the_stored_mean_and_stays(base_params):
@@ -141,23 +143,24 @@ def test_a_frozen_head_input_mean_centres_on_the_stored_mean_and_stays(base_para
     flat = traverse_util.flatten_dict(state.params["head"])
     keys = dict(zip(flat, jax.random.split(jax.random.key(3), len(flat))))
     head = traverse_util.unflatten_dict({k: x + jax.random.normal(keys[k], x.shape) for k, x in flat.items()})  # B not zero
-    stored = np.asarray(head["input_mean"])
-    state = state.replace(params=dict(state.params, head=head))
+    stored = np.asarray(jax.random.normal(jax.random.key(4), state.stats["input_mean"].shape))
+    state = state.replace(params=dict(state.params, head=head), stats={"input_mean": stored})
     micro = jax.tree.map(lambda x: x[0], random_batch(seed=2))
 
     def loss(params, train):
         fn = functools.partial(micro_batch_loss, hyper=hyper, base=BASE, train=train)
         return jax.jit(fn)(params, base_params, micro)
 
-    batch_loss, metrics = loss(state.params, train.replace(freeze_head_input_mean=False))
-    on_batch_mean = dict(state.params, head=dict(state.params["head"], input_mean=metrics["head_input_mean"]))
+    variables = join_stats(state.params, state.stats)
+    batch_loss, metrics = loss(variables, train.replace(freeze_head_input_mean=False))
+    on_batch_mean = join_stats(state.params, {"input_mean": metrics["head_input_mean"]})
     np.testing.assert_allclose(loss(on_batch_mean, train)[0], batch_loss, rtol=1e-5)  # it centres on the stored mean
-    assert abs(loss(state.params, train)[0] - batch_loss) > 1e-2
+    assert abs(loss(variables, train)[0] - batch_loss) > 1e-2
 
     before = jax.tree.map(np.asarray, state.params)  # the step donates the state
     for _ in range(2):
         state, _ = trainer.step(state, base, trainer.put_batch(random_batch(seed=2)))
-    np.testing.assert_array_equal(state.params["head"]["input_mean"], stored)
+    np.testing.assert_array_equal(state.stats["input_mean"], stored)
     assert optax.tree.norm(jax.tree.map(lambda a, b: a - b, state.params, before)) > 0
 
 

@@ -38,8 +38,9 @@ def get_config() -> ml_collections.ConfigDict:
     # How the base model is stored and multiplied (an experiment's ``base_execution`` fields; an empty
     # ``dtype`` multiplies in ``param_dtype``). The NIAH runs trained with bfloat16.
     config.base_execution = dict(param_dtype="float32", dtype="")
-    # How the hypernetwork runs (``HypernetExecution`` fields); empty: as the run trained it.
-    config.execution = dict()
+    # How the hypernetwork runs (``HypernetExecution`` fields); an empty dtype or a 0 keeps how the run
+    # trained it, e.g. ``--config.execution.dtype=float32`` runs a bfloat16-trained hypernetwork in float32.
+    config.execution = dict(dtype="", scan_unroll=0, chunk_group_size=0)
     config.efficiency = True
     config.efficiency_repeats = 1
     config.program_memory = True  # compile the answer programs once more for XLA's memory figures

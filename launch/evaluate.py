@@ -19,7 +19,6 @@ from ml_collections import config_flags
 from d2l_jax.api import D2L
 from d2l_jax.eval import plots, sweep
 from d2l_jax.eval.results_store import RESULTS_FILE
-from d2l_jax.hypernet.config import HypernetExecution
 from d2l_jax.models.base_model import BaseExecution
 from d2l_jax.train.checkpoint import Checkpointer
 
@@ -43,10 +42,10 @@ def main(argv):
     settings = sweep.SweepSettings.from_dict(config.sweep.to_dict())
     step = _latest_step(_CHECKPOINT.value, config.step)
     base_execution = BaseExecution(param_dtype=config.base_execution.param_dtype, dtype=config.base_execution.dtype or None)
-    execution = HypernetExecution(**config.execution) if config.execution else None
-    d2l = D2L.load(_CHECKPOINT.value, step=step, execution=execution, base_execution=base_execution)
-    if config.max_chunk_len is not None:
-        d2l = D2L(d2l.base, d2l.config.replace(max_chunk_len=config.max_chunk_len), d2l.params, d2l.execution)
+    d2l = D2L.load(_CHECKPOINT.value, step=step, base_execution=base_execution)
+    execution = d2l.execution.replace(**{k: v for k, v in config.execution.items() if v})
+    hypernet = d2l.config if config.max_chunk_len is None else d2l.config.replace(max_chunk_len=config.max_chunk_len)
+    d2l = D2L(d2l.base, hypernet, d2l.params, execution)
     identity = {
         "checkpoint": str(Path(_CHECKPOINT.value).resolve()),
         "step": step,

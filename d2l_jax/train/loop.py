@@ -66,7 +66,8 @@ def training_batch_stream(run: RunConfig, base: BaseModel):
 
 
 def initial_params(init_from: str | Path, trainer: Trainer, identity: dict[str, Any]):
-    """The latest hypernetwork parameters of the run in ``init_from``, placed on ``trainer``'s mesh.
+    """The latest hypernetwork variables (parameters and statistics) of the run in ``init_from``, placed on
+    ``trainer``'s mesh.
 
     Raises FileNotFoundError without checkpoints, CheckpointMismatchError for another base model and
     ValueError when that run's hypernetwork has other parameter shapes than ``trainer``'s.

@@ -15,6 +15,7 @@ question in its prompt (one turn; earlier questions are not in the prompt either
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from pathlib import Path
@@ -45,7 +46,7 @@ class ChatSession:
     def __init__(self, d2l, max_new_tokens: int = 128, scale: float = 1.0):
         self.d2l = d2l
         self.max_new_tokens = max_new_tokens
-        self.scale = scale
+        self.scale = _finite_scale(scale)
         self.document: str | None = None
         self.document_name: str | None = None
         self.adapter = None
@@ -68,8 +69,9 @@ class ChatSession:
         return self._internalize()
 
     def set_scale(self, scale: float) -> str:
-        """Changes the scaler and re-internalizes the current document with it."""
-        self.scale = scale
+        """Changes the scaler and re-internalizes the current document with it. Raises ValueError for a
+        scale that is not a finite number (nan or inf would turn the adapter into nan)."""
+        self.scale = _finite_scale(scale)
         if self.document is None:
             return f"[scale {scale:g}; it applies to the next document]"
         return self._internalize()
@@ -111,7 +113,10 @@ class ChatSession:
                 scale = float(argument)
             except ValueError:
                 return f"[error: /scale needs a number, got {argument!r}]", True
-            return self.set_scale(scale), True
+            try:
+                return self.set_scale(scale), True
+            except ValueError as error:
+                return f"[error: {error}; the scale stays {self.scale:g}]", True
         if command == "/doc":
             if not argument:
                 return "[error: /doc needs a file name]", True
@@ -121,6 +126,12 @@ class ChatSession:
             except (OSError, ValueError) as error:
                 return f"[error: {error}]", True
         return f"[unknown command {command}; {HELP}]", True
+
+
+def _finite_scale(scale: float) -> float:
+    if not math.isfinite(scale):
+        raise ValueError(f"the scale must be a finite number, got {scale!r}")
+    return float(scale)
 
 
 def chat_loop(session: ChatSession, input_stream: TextIO, output_stream: TextIO, prompt: str = "> ") -> None:

@@ -20,12 +20,27 @@ _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Parameter and compute dtype.")
 
 
+def read_document(path: str) -> str:
+    """The text of the document file ``path``, stripped. Raises ValueError for an empty path or a file that
+    is empty or only whitespace (it would silently leave the prompt without its document), and
+    FileNotFoundError when there is no such file."""
+    if not path:
+        raise ValueError("--document= names no file; give a text file or leave the flag out")
+    text = Path(path).read_text()
+    if not text.strip():
+        raise ValueError(f"--document={path} is empty" + (" (only whitespace)" if text else ""))
+    return text.strip()
+
+
 def main(argv):
     del argv
-    model = d2l_jax.load_base_model(_MODEL.value, dtype=_DTYPE.value)
     prompt = _PROMPT.value
-    if _DOCUMENT.value:
-        prompt = Path(_DOCUMENT.value).read_text().strip() + "\n\n" + prompt
+    if _DOCUMENT.value is not None:
+        try:
+            prompt = read_document(_DOCUMENT.value) + "\n\n" + prompt
+        except (OSError, ValueError) as error:
+            raise app.UsageError(str(error)) from error
+    model = d2l_jax.load_base_model(_MODEL.value, dtype=_DTYPE.value)
     [reply] = model.generate(
         prompt, max_new_tokens=_MAX_NEW_TOKENS.value, temperature=_TEMPERATURE.value, top_p=_TOP_P.value, seed=_SEED.value
     )

@@ -1,6 +1,7 @@
 """Meta-trains D2L: ``python -m launch.train --config=experiments/niah_smollm2.py --workdir=DIR [--config.x=y]``.
 
-Resumes from the latest checkpoint in ``DIR/checkpoints``; SIGTERM saves and exits. Multi-host: pass
+Resumes from the newest checkpoint in ``DIR/checkpoints`` that verifies (``--resume_step`` picks one); SIGTERM
+and SIGINT (Ctrl-C) save a checkpoint and exit with status 3. Multi-host: pass
 ``--coordinator_address``, ``--num_processes`` and ``--process_id`` (or nothing on a TPU VM, where the
 environment says it) and run the same command on every host.
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -19,6 +21,10 @@ _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "call jax.distributed.ini
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host)")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "number of processes (multi-host)")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process's index (multi-host)")
+_RESUME_STEP = flags.DEFINE_integer("resume_step", None, "resume from this checkpoint step (default: the newest that verifies)")
+
+# Exit status of a run stopped early by SIGTERM or SIGINT (after saving a checkpoint): the same command resumes it.
+STOPPED_BY_SIGNAL = 3
 
 
 def main(argv):
@@ -35,9 +41,12 @@ def main(argv):
     run = parse_experiment(json.loads(_CONFIG.value.to_json()))
     base = run.base_execution.load(run.model)
     evaluator = make_evaluator(run.evaluator, base, seed=run.train.seed) if run.evaluator else None
-    result = train(run, _WORKDIR.value, base=base, evaluator=evaluator)
+    result = train(run, _WORKDIR.value, base=base, evaluator=evaluator, resume_step=_RESUME_STEP.value)
     if jax.process_index() == 0:
         print(json.dumps(result, indent=2))
+    if result["stopped_by"]:
+        print(f"stopped by {result['stopped_by']} at step {result['step']} (checkpoint saved); run the same command to resume", file=sys.stderr)
+        sys.exit(STOPPED_BY_SIGNAL)
 
 
 if __name__ == "__main__":

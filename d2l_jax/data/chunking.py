@@ -22,12 +22,25 @@ def document_affixes(tokenizer) -> tuple[list[int], list[int]]:
     return encode(prefix), encode(suffix)
 
 
+def require_unicode_text(text: str, what: str = "the document") -> None:
+    """Raises ValueError naming ``what`` and the character index when ``text`` holds a lone surrogate
+    (``"\\ud800"``, which JSON escapes and Python strings allow but no tokenizer can encode)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(
+            f"{what} is not valid Unicode text: character {e.start} is {text[e.start]!r}, a lone surrogate ({e.reason})"
+        ) from e
+
+
 def tokenize_document(tokenizer, document: str, affixes: tuple[list[int], list[int]]) -> list[int]:
-    """The templated token ids of one document. Raises TypeError / ValueError for non-text or empty text."""
+    """The templated token ids of one document. Raises TypeError for non-text, ValueError for empty text or
+    text that is not valid Unicode (a lone surrogate; the message gives its character index)."""
     if not isinstance(document, str):
         raise TypeError(f"a document must be a str, got {type(document).__name__}")
     if not document.strip():
         raise ValueError("the document is empty")
+    require_unicode_text(document)
     prefix, suffix = affixes
     return prefix + tokenizer(document.strip(), add_special_tokens=False)["input_ids"] + suffix
 

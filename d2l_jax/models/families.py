@@ -12,6 +12,8 @@ import dataclasses
 from typing import Any
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")
+# Hugging Face config.json fields without which a decoder's shapes are unknown.
+REQUIRED_HF_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims")
 # DecoderConfig fields that say how a model runs, not what it computes.
 EXECUTION_FIELDS = ("dtype", "remat_policy", "scan_unroll")
@@ -121,13 +123,17 @@ def _rope_from_hf(hf: dict) -> tuple[float, RopeScaling | None]:
     )
 
 
-def config_from_hf(hf: dict, dtype: str = "float32") -> DecoderConfig:
-    """Builds a DecoderConfig from a Hugging Face ``config.json`` dict.
+def config_from_hf(hf: dict, dtype: str = "float32", source: str = "config.json") -> DecoderConfig:
+    """Builds a DecoderConfig from a Hugging Face ``config.json`` dict (read from ``source``, for messages).
 
     Raises:
       UnsupportedArchitectureError: ``model_type`` is not one of SUPPORTED_MODEL_TYPES, or the config
         uses a feature (activation, biases, RoPE type) this decoder does not implement.
+      ValueError: naming ``source`` and the fields, when a field of REQUIRED_HF_FIELDS is missing or is
+        not a positive integer.
     """
+    if not isinstance(hf, dict):
+        raise ValueError(f"{source}: expected a JSON object, got {type(hf).__name__}")
     model_type = hf.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise UnsupportedArchitectureError(
@@ -139,6 +145,12 @@ def config_from_hf(hf: dict, dtype: str = "float32") -> DecoderConfig:
         raise UnsupportedArchitectureError(f"hidden_act {act!r} is not supported for {model_type}; expected 'silu'")
     if hf.get("attention_bias") or hf.get("mlp_bias"):
         raise UnsupportedArchitectureError(f"{model_type} checkpoints with attention/MLP biases are not supported")
+    missing = [k for k in REQUIRED_HF_FIELDS if hf.get(k) is None]
+    if missing:
+        raise ValueError(f"{source} lacks the required field(s) {missing}")
+    wrong = [f"{k}={hf[k]!r}" for k in REQUIRED_HF_FIELDS if isinstance(hf[k], bool) or not isinstance(hf[k], int) or hf[k] < 1]
+    if wrong:
+        raise ValueError(f"{source}: {', '.join(wrong)}; these fields must be positive integers")
     theta, scaling = _rope_from_hf(hf)
     num_heads = hf["num_attention_heads"]
     return DecoderConfig(

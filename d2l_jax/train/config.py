@@ -9,6 +9,7 @@ import json
 from typing import Any
 
 from d2l_jax.data.examples import BatchShapes
+from d2l_jax.data.pipeline import BAD_RECORD_POLICIES
 from d2l_jax.data.sources import SourceConfig
 from d2l_jax.hypernet.config import HypernetConfig, HypernetExecution
 from d2l_jax.models.base_model import BaseExecution
@@ -40,6 +41,9 @@ class TrainConfig:
       and keeps a running mean for inference; ``freeze_head_input_mean`` centres on the stored mean and
       leaves it as it is, for fine-tuning on batches whose chunk mix differs from the first run's (batches
       of long documents alone, whose mean lacks the needle share the stored mean was learned with).
+    Non-finite steps: a step whose gradients are not finite is skipped (parameters, moments and statistics
+      stay as they were) and counted; after ``max_nonfinite_steps`` such steps in a row the run stops with
+      an error, its last checkpoint intact.
     Mesh: ``mesh`` maps ``data``/``fsdp``/``tensor`` to sizes (``data`` defaults to the remaining devices).
     """
 
@@ -61,6 +65,7 @@ class TrainConfig:
     grad_accum_steps: int = 1
     encoder_chunk_rows: int = 0
     freeze_head_input_mean: bool = False
+    max_nonfinite_steps: int = 10
     seed: int = 42
     mesh: tuple[tuple[str, int], ...] = ()
 
@@ -71,7 +76,7 @@ class TrainConfig:
             raise ValueError(f"teacher={self.teacher!r}; expected one of {TEACHERS}")
         if self.loss == "full_kl" and self.teacher == "offline":
             raise ValueError("loss='full_kl' needs the online teacher (offline targets store only the top-k)")
-        for name in ("top_k", "steps", "batch_size", "grad_accum_steps"):
+        for name in ("top_k", "steps", "batch_size", "grad_accum_steps", "max_nonfinite_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.perceiver_lr_scale < 0:
@@ -103,6 +108,9 @@ class DataConfig:
     warmup_source / warmup_steps: a curriculum: about the first ``warmup_steps`` steps draw from
       ``warmup_source`` instead (about: examples that do not fit the shapes are skipped).
     chunk_probs / min_chunk_len: the reference's training-time chunk-count sampling (empty: no splitting).
+    bad_records: ``"skip"`` (count and warn about a record that cannot be used, and go on) or ``"stop"``.
+    max_bad_share / max_dropped_share: training stops with an error once the share of bad records, or of
+      examples dropped for not fitting the batch shapes, passes this (judged from 100 records on).
     The rest are ``BatchShapes`` fields; ``max_chunk_len`` comes from the hypernetwork config.
     """
 
@@ -115,10 +123,18 @@ class DataConfig:
     max_student_len: int = 48
     max_labels: int = 8
     max_teacher_len: int = 0
+    bad_records: str = "skip"
+    max_bad_share: float = 0.01
+    max_dropped_share: float = 0.5
 
     def __post_init__(self):
         if self.warmup_steps < 0 or bool(self.warmup_steps) != (self.warmup_source is not None):
             raise ValueError(f"warmup_steps={self.warmup_steps} and warmup_source must be given together (steps >= 1)")
+        if self.bad_records not in BAD_RECORD_POLICIES:
+            raise ValueError(f"data.bad_records={self.bad_records!r}; expected one of {BAD_RECORD_POLICIES}")
+        for name in ("max_bad_share", "max_dropped_share"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"data.{name}={getattr(self, name)!r} must be a share in [0, 1]")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "DataConfig":

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import logging
 import time
@@ -15,14 +17,15 @@ from tqdm.auto import tqdm
 from d2l_jax.api import D2L
 from d2l_jax.data.chunking import document_affixes
 from d2l_jax.data.examples import ChunkSampling, TrainExampleBuilder
-from d2l_jax.data.pipeline import training_batches
+from d2l_jax.data.pipeline import RecordStats, training_batches
 from d2l_jax.data.sources import make_sources
 from d2l_jax.hypernet.hypernet import init_hypernet, join_stats, split_stats
 from d2l_jax.models.base_model import BaseModel
-from d2l_jax.train.checkpoint import Checkpointer, base_identity
+from d2l_jax.train.checkpoint import CheckpointCorruptError, Checkpointer, CheckpointMismatchError, base_identity
 from d2l_jax.train.config import RunConfig
 from d2l_jax.train.metrics import MetricsWriter, StopOnSignal
 from d2l_jax.train.step import Trainer
+from d2l_jax.train.workdir_lock import WorkdirLock
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +40,9 @@ class Evaluator(Protocol):
         """Metrics of the hypernetwork being trained; floats are written, other values only returned."""
 
 
-def training_batch_stream(run: RunConfig, base: BaseModel):
-    """This process's Grain stream of training batches for ``run`` (static shapes, checkpointable)."""
+def training_batch_stream(run: RunConfig, base: BaseModel, stats: RecordStats | None = None):
+    """This process's Grain stream of training batches for ``run`` (static shapes, checkpointable); ``stats``
+    counts the records read, skipped as bad and dropped for not fitting."""
     tokenizer = base._require_tokenizer()
     builder = TrainExampleBuilder(
         tokenizer,
@@ -62,6 +66,10 @@ def training_batch_stream(run: RunConfig, base: BaseModel):
         shard_count=jax.process_count(),
         warmup_sources=make_sources(warmup, tokenizer, run.train.seed) if warmup else (),
         warmup_records=run.data.warmup_steps * rows * run.train.grad_accum_steps,
+        bad_records=run.data.bad_records,
+        max_bad_share=run.data.max_bad_share,
+        max_dropped_share=run.data.max_dropped_share,
+        stats=stats,
     )
 
 
@@ -93,27 +101,72 @@ def train(
     base: BaseModel | None = None,
     evaluator: Evaluator | None = None,
     stop_after: int | None = None,
+    resume_step: int | None = None,
 ) -> dict[str, Any]:
-    """Runs (or resumes) meta-training in ``workdir``; returns the final metrics.
+    """Runs (or resumes) meta-training in ``workdir``; returns the final metrics, with ``stopped_by`` naming
+    the signal that stopped the run early (SIGTERM or SIGINT; a checkpoint is saved first) or None.
 
     ``base`` defaults to loading ``run.model`` as ``run.base_execution`` says; ``evaluator`` (None: no
     evaluation) runs every ``run.eval_every`` steps and at the end; ``stop_after`` ends this call (with a
     checkpoint) after that many steps, so training can continue later from the same workdir.
     Writes ``config.json``, ``metrics.jsonl``, TensorBoard events under ``tb/`` and checkpoints under
-    ``checkpoints/`` (resumed from the latest one when present).
+    ``checkpoints/``. A run resumes from its newest checkpoint that verifies (or ``resume_step``); corrupt
+    newer ones are set aside as ``checkpoints/<step>.corrupt``, never deleted.
+
+    Raises:
+      WorkdirLockedError: another live run trains in ``workdir``.
+      CheckpointMismatchError: the checkpoints belong to another base model or hypernetwork config.
+      CheckpointCorruptError: no checkpoint verifies (or ``resume_step``'s does not).
+      FloatingPointError: ``train.max_nonfinite_steps`` steps in a row had non-finite gradients (they were
+        skipped; the last checkpoint is intact).
+      ValueError: a bad record under ``data.bad_records="stop"``, or more bad records or dropped examples
+        than ``data.max_bad_share`` / ``data.max_dropped_share`` allow (the message names the record or limit).
     """
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    with WorkdirLock(workdir) if jax.process_index() == 0 else contextlib.nullcontext():
+        return _train(run, workdir, base, evaluator, stop_after, resume_step)
+
+
+def _check_resumable(run: RunConfig, checkpoints: Checkpointer) -> None:
+    """Raises CheckpointMismatchError when the run in the checkpoints has another hypernetwork config; warns
+    when its schedule differs (the learning rate then jumps)."""
+    try:
+        saved = RunConfig.from_json(checkpoints.read_json("config"))
+    except CheckpointCorruptError:
+        return  # the restore then says which step is corrupt
+    differing = [f"{f.name} is {getattr(saved.hypernet, f.name)!r} there, {getattr(run.hypernet, f.name)!r} here"
+                 for f in dataclasses.fields(run.hypernet) if getattr(saved.hypernet, f.name) != getattr(run.hypernet, f.name)]
+    if differing:
+        raise CheckpointMismatchError(
+            f"the checkpoints in {checkpoints.directory} were trained with a different hypernetwork: {'; '.join(differing)}; "
+            "use another workdir, or init_from to start from them"
+        )
+    schedule = ("learning_rate", "min_learning_rate", "warmup_steps", "steps")
+    changed = {k: (getattr(saved.train, k), getattr(run.train, k)) for k in schedule if getattr(saved.train, k) != getattr(run.train, k)}
+    if changed:
+        log.warning("resuming with another schedule (%s): the learning rate jumps at the resumed step",
+                    ", ".join(f"train.{k} {old} -> {new}" for k, (old, new) in changed.items()))
+
+
+def _train(run: RunConfig, workdir: Path, base, evaluator, stop_after, resume_step) -> dict[str, Any]:
     base = base or run.base_execution.load(run.model)
     trainer = Trainer(run.hypernet, base.config, run.train, execution=run.execution)
     base_params = trainer.put_base_params(base.params)
     identity = base_identity(run.model, base.config, base.params)
 
-    batches = iter(training_batch_stream(run, base))
+    record_stats = RecordStats()
+    batches = iter(training_batch_stream(run, base, record_stats))
     checkpoints = Checkpointer(workdir / "checkpoints", keep=run.keep_checkpoints)
     if checkpoints.latest_step() is not None:
-        state, step = checkpoints.restore(trainer.abstract_state(), identity, batches)
+        _check_resumable(run, checkpoints)
+        state, step = checkpoints.restore(trainer.abstract_state(), identity, batches, step=resume_step)
+        if resume_step is None and checkpoints.rejected_steps and jax.process_index() == 0:
+            for path in checkpoints.set_aside(checkpoints.rejected_steps):
+                log.warning("set aside the corrupt checkpoint as %s", path)
         log.info("resumed from step %d", step)
+    elif resume_step is not None:
+        raise FileNotFoundError(f"resume_step={resume_step}: {workdir / 'checkpoints'} holds no checkpoint")
     elif run.init_from:
         # A fresh optimizer state is zeros whatever the parameters' values, so only the parameters change.
         params, stats = split_stats(initial_params(run.init_from, trainer, identity))
@@ -128,7 +181,7 @@ def train(
     if evaluates and step == 0:
         writer.write(0, evaluator.baseline())
 
-    saved_at = checkpoints.latest_step()
+    saved_at = step if checkpoints.latest_step() == step else None
 
     def save(force: bool = False) -> None:
         nonlocal saved_at
@@ -150,40 +203,50 @@ def train(
         summary.update(result)
         evaluated_at = step
 
-    with StopOnSignal() as stop, tqdm(total=run.train.steps, initial=step, desc="meta-training", disable=jax.process_index() != 0) as bar:
-        while step < last_step and not stop.requested and trained_seconds < limit:
-            batch = next(batches)
-            window_steps += 1
-            window_tokens += int(batch["ctx_mask"].sum() + batch["mask"].sum())
-            state, metrics = trainer.step(state, base_params, trainer.put_batch(batch))
-            step += 1
-            bar.update()
-            if step % run.log_every == 0 or step == last_step:
-                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                seconds = time.perf_counter() - window_start
-                trained_seconds += seconds
-                metrics.update(
-                    step_seconds=seconds / window_steps,
-                    tokens_per_second=window_tokens / seconds,
-                    train_minutes=trained_seconds / 60,
-                )
-                if trainer.flops_per_step:
-                    metrics["flops_per_second"] = trainer.flops_per_step * window_steps / seconds
-                writer.write(step, metrics)
-                bar.set_postfix(loss=f"{metrics['loss']:.3f}")
-                summary.update(metrics)
-                window_start, window_steps, window_tokens = time.perf_counter(), 0, 0
-            if evaluates and step % run.eval_every == 0:
-                eval_start = time.perf_counter()
+    try:
+        with StopOnSignal() as stop, tqdm(total=run.train.steps, initial=step, desc="meta-training", disable=jax.process_index() != 0) as bar:
+            while step < last_step and not stop.requested and trained_seconds < limit:
+                batch = next(batches)
+                window_steps += 1
+                window_tokens += int(batch["ctx_mask"].sum() + batch["mask"].sum())
+                state, metrics = trainer.step(state, base_params, trainer.put_batch(batch))
+                step += 1
+                bar.update()
+                if step % run.log_every == 0 or step == last_step:
+                    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                    if metrics["nonfinite_steps_in_a_row"] >= run.train.max_nonfinite_steps:
+                        raise FloatingPointError(
+                            f"step {step}: {int(metrics['nonfinite_steps_in_a_row'])} steps in a row had non-finite loss or "
+                            f"gradients (skipped; train.max_nonfinite_steps={run.train.max_nonfinite_steps}); the last checkpoint "
+                            f"(step {checkpoints.latest_step()}) is intact: lower train.learning_rate or check the data"
+                        )
+                    seconds = time.perf_counter() - window_start
+                    trained_seconds += seconds
+                    metrics.update(
+                        step_seconds=seconds / window_steps,
+                        tokens_per_second=window_tokens / seconds,
+                        train_minutes=trained_seconds / 60,
+                    )
+                    if trainer.flops_per_step:
+                        metrics["flops_per_second"] = trainer.flops_per_step * window_steps / seconds
+                    metrics.update({f"data/{k}": v for k, v in record_stats.as_metrics().items()})
+                    writer.write(step, metrics)
+                    bar.set_postfix(loss=f"{metrics['loss']:.3f}")
+                    summary.update(metrics)
+                    window_start, window_steps, window_tokens = time.perf_counter(), 0, 0
+                if evaluates and step % run.eval_every == 0:
+                    eval_start = time.perf_counter()
+                    run_eval()
+                    window_start += time.perf_counter() - eval_start  # evaluation is not training time
+                if run.checkpoint_every and step % run.checkpoint_every == 0:
+                    save()
+            if evaluates and evaluated_at != step and not stop.requested:
                 run_eval()
-                window_start += time.perf_counter() - eval_start  # evaluation is not training time
-            if run.checkpoint_every and step % run.checkpoint_every == 0:
-                save()
-        if evaluates and evaluated_at != step:
-            run_eval()
-        save(force=True)
-        checkpoints.wait()
-    writer.close()
-    checkpoints.close()
+            save(force=True)
+            checkpoints.wait()
+    finally:
+        writer.close()
+        checkpoints.close()
     summary["step"] = step
+    summary["stopped_by"] = stop.received
     return summary

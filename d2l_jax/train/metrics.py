@@ -1,10 +1,11 @@
-"""What the training loop calls besides the step: its metrics files and its preemption signal."""
+"""What the training loop calls besides the step: its metrics files and its stop signals."""
 
 from __future__ import annotations
 
 import json
 import logging
 import signal
+import threading
 from pathlib import Path
 
 import jax
@@ -38,18 +39,33 @@ class MetricsWriter:
 
 
 class StopOnSignal:
-    """Turns SIGTERM (TPU preemption) into a flag the loop checks between steps."""
+    """Turns SIGTERM (TPU preemption) and SIGINT (Ctrl-C) into a flag the loop checks between steps, so the
+    run saves a checkpoint and stops; ``received`` names the signal (None without one). A second SIGINT
+    interrupts at once, as usual. Signal handlers can only be set in the main thread; elsewhere none is set.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
-        self.requested = False
+        self.received: str | None = None
+        self.previous = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.received is not None
 
     def __enter__(self):
-        self.previous = signal.signal(signal.SIGTERM, self._handle)
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         return self
 
     def _handle(self, signum, frame):
-        log.warning("SIGTERM: saving a checkpoint and stopping")
-        self.requested = True
+        name = signal.Signals(signum).name
+        if self.received == "SIGINT" and name == "SIGINT":
+            raise KeyboardInterrupt
+        log.warning("%s: saving a checkpoint and stopping (press Ctrl-C again to stop without saving)", name)
+        self.received = name
 
     def __exit__(self, *exc):
-        signal.signal(signal.SIGTERM, self.previous)
+        for s, previous in self.previous.items():
+            signal.signal(s, previous)

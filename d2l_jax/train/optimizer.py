@@ -52,9 +52,16 @@ def perceiver_mask(params) -> dict:
     return {name: jax.tree.map(lambda _: name == "perceiver", tree) for name, tree in params.items()}
 
 
+# apply_if_finite gives up and applies a non-finite update after this many in a row; the training loop
+# stops a run long before (TrainConfig.max_nonfinite_steps), so an update that is not finite never lands.
+_NEVER = 2**30
+
+
 def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
-    """Clipping, AdamW, then the Perceiver's updates scaled by ``perceiver_lr_scale``."""
-    return optax.chain(
+    """Clipping, AdamW, then the Perceiver's updates scaled by ``perceiver_lr_scale``; an update whose
+    gradients are not finite is skipped (the parameters and moments stay as they are) and counted in the
+    state (``notfinite_count``: in a row, ``total_notfinite``: in all, ``last_finite``)."""
+    inner = optax.chain(
         optax.clip_by_global_norm(config.max_grad_norm),
         adamw(
             learning_rate_schedule(config),
@@ -66,3 +73,4 @@ def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
         ),
         optax.masked(optax.scale(config.perceiver_lr_scale), perceiver_mask),
     )
+    return optax.apply_if_finite(inner, max_consecutive_errors=_NEVER)

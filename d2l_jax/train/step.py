@@ -109,10 +109,13 @@ def train_step(state: TrainState, base_params, batch, *, hyper, base, train, opt
         grads, metrics = jax.tree.map(lambda x: x / micro_batches, (grads, metrics))
     metrics["label_tokens"] = metrics["label_tokens"] * micro_batches
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    params = optax.apply_updates(state.params, updates)  # unchanged when the gradients are not finite
     stats = state.stats
     if "head_input_mean" in metrics:
-        stats = _updated_head_input_mean(state, metrics.pop("head_input_mean"))
+        updated = _updated_head_input_mean(state, metrics.pop("head_input_mean"))
+        stats = jax.tree.map(lambda new, old: jnp.where(opt_state.last_finite, new, old), updated, stats)
+    metrics["nonfinite_steps_in_a_row"] = opt_state.notfinite_count
+    metrics["nonfinite_steps"] = opt_state.total_notfinite
     metrics["grad_norm"] = optax.tree.norm(grads)
     metrics["learning_rate"] = learning_rate_schedule(train)(state.step)
     return TrainState(step=state.step + 1, params=params, stats=stats, opt_state=opt_state), metrics

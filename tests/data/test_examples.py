@@ -7,7 +7,7 @@ import chex
 import numpy as np
 import pytest
 
-from d2l_jax.data.chunking import document_affixes
+from d2l_jax.data.chunking import document_affixes, tokenize_document
 from d2l_jax.data.examples import BatchShapes, ChunkSampling, TrainExampleBuilder, collate, student_messages
 from d2l_jax.data.niah import NIAHSource
 from d2l_jax.data.pipeline import training_batches
@@ -100,3 +100,13 @@ def test_curriculum_draws_its_first_records_from_the_warmup_sources(smollm2, bui
     assert answers == ["2222<|im_end|>"] * 6 + ["1111<|im_end|>"] * 4
     with pytest.raises(ValueError, match="warmup_records=4 needs warmup_sources"):
         training_batches([records("1111")], builder, shapes, batch_size=2, warmup_records=4)
+
+
+def test_a_document_with_a_lone_surrogate_is_rejected_with_its_position(smollm2, builder):
+    tok = smollm2.tokenizer
+    with pytest.raises(ValueError, match=r"the document is not valid Unicode text: character 3 is '\\ud800', a lone surrogate") as error:
+        tokenize_document(tok, "abc\ud800def", document_affixes(tok))
+    assert isinstance(error.value.__cause__, UnicodeEncodeError)
+    with pytest.raises(ValueError, match=r"character 30 is '\\udfff'"):  # through the training example builder
+        builder(dict(RECORD, context="The vault code is 4817. \n And \udfff."), np.random.default_rng(0))
+    assert tokenize_document(tok, "abc \U0001F600 def", document_affixes(tok))  # a surrogate pair's character is fine

@@ -1,6 +1,10 @@
 """The chat loop: questions, /scale, /reset, /doc and /quit on a tiny random D2L, from scripted input."""
 
 import io
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import flax.linen as nn
 import jax
@@ -25,6 +29,7 @@ TINY_HYPER = d2l_jax.HypernetConfig(
 FIRST = "The vault code is 4817 and the vault is in Lisbon, near the river. " * 6
 SECOND = "Marie planted tulips in March. They bloomed red and yellow in late April."
 QUESTION = "What is the vault code?"
+REPOSITORY = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -114,3 +119,26 @@ def test_loop_stops_at_end_of_input(tiny_d2l):
     out = io.StringIO()
     chat_loop(ChatSession(tiny_d2l, max_new_tokens=4), io.StringIO("/help\n"), out)
     assert out.getvalue().startswith("> commands: /doc FILE") and out.getvalue().endswith("> \n")
+
+
+@pytest.mark.parametrize("argument", ["nan", "inf", "-inf", "NaN", "1e999"])
+def test_scale_must_be_a_finite_number(tiny_d2l, docs, argument):
+    first, _ = docs
+    session = ChatSession(tiny_d2l, max_new_tokens=4)
+    session.handle(f"/doc {first}")
+    adapter = session.adapter
+    text, go_on = session.handle(f"/scale {argument}")
+    assert go_on and text.startswith("[error: the scale must be a finite number, got ") and text.endswith("; the scale stays 1]")
+    assert session.scale == 1.0 and session.adapter is adapter  # nothing re-internalized
+    with pytest.raises(ValueError, match="the scale must be a finite number, got nan"):
+        ChatSession(tiny_d2l, scale=float("nan"))
+
+
+@pytest.mark.parametrize("content, message", [("", "is empty"), (" \n\t\n", r"is empty \(only whitespace\)")])
+def test_generate_refuses_an_empty_document(tmp_path, content, message):
+    # A subprocess: launch.generate and launch.chat define flags of the same name.
+    document = tmp_path / "document.txt"
+    document.write_text(content)
+    command = [sys.executable, "-m", "launch.generate", "--prompt=What is the vault code?", f"--document={document}"]
+    result = subprocess.run(command, cwd=REPOSITORY, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and re.search(rf"--document={re.escape(str(document))} {message}", result.stderr), result.stderr

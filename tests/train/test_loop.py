@@ -145,7 +145,7 @@ def test_sigterm_saves_and_stops(base, tmp_path):
         result = train(run, tmp_path, base=base)
     finally:
         loop.MetricsWriter.write = original
-    assert 3 <= result["step"] < 200
+    assert 3 <= result["step"] < 200 and result["stopped_by"] == "SIGTERM"
     assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [result["step"]]
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the loop's handler is removed again
 

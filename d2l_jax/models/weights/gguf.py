@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+from pathlib import Path
 
 import gguf
 import numpy as np
@@ -27,6 +28,63 @@ LLAMA_GGUF_NAMES: tuple[tuple[str, str], ...] = (
     ("blk.{i}.ffn_down.weight", "model.layers.{i}.mlp.down_proj.weight"),
 )
 SUPPORTED_GGUF_ARCHITECTURES = ("llama",)
+GGUF_MAGIC = b"GGUF"
+# Metadata keys (after "<architecture>.") a decoder config cannot do without.
+REQUIRED_GGUF_KEYS = ("embedding_length", "feed_forward_length", "block_count", "attention.head_count", "attention.layer_norm_rms_epsilon")
+# What the gguf package raises on a header cut short or garbled (short reads index empty arrays, misread
+# lengths and types fail conversions).
+_HEADER_ERRORS = (ValueError, IndexError, KeyError, TypeError, OverflowError)
+
+
+class _TruncatedTensor(Exception):
+    def __init__(self, name: str, end: int, size: int):
+        super().__init__(name, end, size)
+        self.name, self.end, self.size = name, end, size
+
+
+class _CheckedReader(gguf.GGUFReader):
+    """A GGUFReader that names the tensor a truncated file cuts short; the package's own reader fails on
+    a numpy reshape that names neither the file nor the tensor."""
+
+    # Overrides a private method of gguf 0.x; should it be renamed, a truncated file still fails in the
+    # reader, and open_gguf still names the file (without the tensor).
+    def _build_tensors(self, start_offs: int, fields) -> None:
+        size = len(self.data)
+        for field in fields:  # parts: name length, name, dimension count, dimensions, type, offset
+            dims, raw_type, offset = field.parts[3], field.parts[4], field.parts[5]
+            block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(int(raw_type[0]))]
+            end = int(start_offs) + int(offset[0]) + int(np.prod(dims, dtype=np.uint64)) * type_size // block
+            if end > size:
+                raise _TruncatedTensor(field.name, end, size)
+        super()._build_tensors(start_offs, fields)
+
+
+def open_gguf(path: str | os.PathLike) -> gguf.GGUFReader:
+    """A reader of the GGUF file ``path`` (tensors are memory-mapped, not read).
+
+    Raises FileNotFoundError when there is no such file, and ValueError naming the file when it is empty,
+    is not a GGUF file, or is truncated or corrupt (naming the first tensor whose data lies past its end).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"GGUF file {path} does not exist")
+    size = path.stat().st_size
+    if size == 0:
+        raise ValueError(f"{path} is empty (0 bytes), not a GGUF file")
+    with open(path, "rb") as f:
+        magic = f.read(len(GGUF_MAGIC))
+    if magic != GGUF_MAGIC:
+        raise ValueError(f"{path} is not a GGUF file: it starts with {magic!r}, not {GGUF_MAGIC!r}")
+    try:
+        return _CheckedReader(os.fspath(path))
+    except _TruncatedTensor as e:
+        raise ValueError(
+            f"{path} is truncated or corrupt: tensor {e.name!r} ends at byte {e.end:,} but the file has {e.size:,} bytes"
+        ) from e
+    except _HEADER_ERRORS as e:
+        raise ValueError(
+            f"{path} is truncated or corrupt: its GGUF header cannot be read (the file has {size:,} bytes)"
+        ) from e
 
 
 def gguf_metadata(reader: gguf.GGUFReader) -> dict:
@@ -39,7 +97,10 @@ def gguf_metadata(reader: gguf.GGUFReader) -> dict:
     return out
 
 
-def config_from_gguf(meta: dict, tensor_names: set[str], dtype: str = "float32") -> DecoderConfig:
+def config_from_gguf(meta: dict, tensor_names: set[str], dtype: str = "float32", source: str = "the GGUF file") -> DecoderConfig:
+    """The DecoderConfig a GGUF file's metadata describes. Raises UnsupportedArchitectureError for an
+    architecture or RoPE scaling this package does not implement, ValueError naming ``source`` and the
+    keys when required metadata is missing."""
     arch = meta.get("general.architecture")
     if arch not in SUPPORTED_GGUF_ARCHITECTURES:
         raise UnsupportedArchitectureError(
@@ -47,11 +108,12 @@ def config_from_gguf(meta: dict, tensor_names: set[str], dtype: str = "float32")
         )
     if "rope_freqs.weight" in tensor_names or meta.get(f"{arch}.rope.scaling.type", "none") != "none":
         raise UnsupportedArchitectureError("GGUF files with RoPE scaling are not supported; load the HF directory instead")
+    missing = [f"{arch}.{key}" for key in (*REQUIRED_GGUF_KEYS, "vocab_size") if f"{arch}.{key}" not in meta]
+    if missing:
+        raise ValueError(f"{source}: the GGUF metadata lacks {missing}")
     num_heads = int(meta[f"{arch}.attention.head_count"])
     hidden = int(meta[f"{arch}.embedding_length"])
-    vocab = meta.get(f"{arch}.vocab_size")
-    if vocab is None:
-        raise ValueError("GGUF metadata lacks the vocabulary size")
+    vocab = meta[f"{arch}.vocab_size"]
     return DecoderConfig(
         family="llama",
         vocab_size=int(vocab),
@@ -107,10 +169,8 @@ def gguf_loaders(reader: gguf.GGUFReader, config: DecoderConfig) -> dict:
 
 
 def load_gguf(path: str | os.PathLike, param_dtype="float32", compute_dtype: str = "float32"):
-    """Returns (DecoderConfig, params, metadata) for a GGUF file."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"GGUF file {path} does not exist")
-    reader = gguf.GGUFReader(os.fspath(path))
+    """Returns (DecoderConfig, params, metadata) for a GGUF file; raises as :func:`open_gguf` does."""
+    reader = open_gguf(path)
     meta = gguf_metadata(reader)
-    config = config_from_gguf(meta, {t.name for t in reader.tensors}, dtype=compute_dtype)
+    config = config_from_gguf(meta, {t.name for t in reader.tensors}, dtype=compute_dtype, source=os.fspath(path))
     return config, params_from_hf(config, gguf_loaders(reader, config), param_dtype), meta

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import tempfile
 
 # Compilation, not execution, dominates the tests' time on these tiny models: XLA's lowest backend
 # optimisation level halves it. The sharding test's subprocesses inherit it; the multihost and TPU (AOT)
@@ -17,6 +18,13 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 import d2l_jax  # noqa: E402
+
+# Many tests build the same small programs anew (a Trainer per test, a jitted function per call site): a
+# compilation cache shared by the workers compiles each program once (XLA keys it by the program, the
+# flags and the jax version, so a later run reuses only what is the same).
+jax.config.update("jax_compilation_cache_dir", os.path.join(tempfile.gettempdir(), "d2l_jax_tests_xla_cache"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 SMOLLM2 = "smollm2-135m-instruct"
 TINY = dict(

@@ -20,6 +20,9 @@ from d2l_jax.data.examples import BatchShapes, TrainExampleBuilder, collate, fit
 log = logging.getLogger(__name__)
 
 RECORD_FIELDS = ("context", "prompt", "response")
+# The key of what a RecordSource serves in place of a record it found unusable: where and why, for the
+# training stream's bad-record policy (``record_problem`` returns it).
+UNUSABLE = "unusable_record"
 # grain concatenates finite datasets only: after a warmup, the main stream repeats for more epochs than any run needs.
 _MAIN_EPOCHS = 1_000
 BAD_RECORD_POLICIES = ("skip", "stop")
@@ -272,7 +275,10 @@ _JSON_TYPES = {dict: "object", list: "array", str: "string", int: "number", floa
 
 def record_problem(record: Mapping[str, Any]) -> str | None:
     """What makes ``record`` unusable for training, or None: a field of RECORD_FIELDS that is missing,
-    null, not a string, empty (or only whitespace) or not valid Unicode text."""
+    null, not a string, empty (or only whitespace) or not valid Unicode text (or the problem a
+    ``RecordSource`` found, with the file and line, for the ``UNUSABLE`` marker it serves instead)."""
+    if UNUSABLE in record:
+        return record[UNUSABLE]
     missing = [k for k in RECORD_FIELDS if record.get(k) is None]
     if missing:
         return f"the record lacks {missing}"
@@ -289,11 +295,11 @@ def record_problem(record: Mapping[str, Any]) -> str | None:
     return None
 
 
-def _json_lines(path: Path) -> list[dict[str, Any]]:
-    """The records of a JSON Lines file, blank lines skipped. Raises ValueError naming the file and the
-    1-based line for a line that is not UTF-8, not JSON or not a JSON object, and a record that is not
-    usable (``record_problem``)."""
-    records = []
+def _json_lines(path: Path) -> tuple[list[dict[str, Any]], dict[int, str]]:
+    """(the records of a JSON Lines file, blank lines skipped; ``{index: "file, line N: problem"}`` of the
+    records that ``record_problem`` rejects, which stand as ``{}``). Raises ValueError naming the file and
+    the 1-based line for a line that is not UTF-8, not JSON or not a JSON object."""
+    records, unusable = [], {}
     with open(path, "rb") as f:
         for number, raw in enumerate(f, start=1):
             where = f"{path}, line {number}"
@@ -311,9 +317,10 @@ def _json_lines(path: Path) -> list[dict[str, Any]]:
                 raise ValueError(f"{where}: expected a JSON object (a record), got a JSON {_JSON_TYPES.get(type(record), type(record).__name__)}")
             problem = record_problem(record)
             if problem:
-                raise ValueError(f"{where}: {problem}")
+                unusable[len(records)] = f"{where}: {problem}"
+                record = {}
             records.append(record)
-    return records
+    return records, unusable
 
 
 class RecordSource:
@@ -322,9 +329,12 @@ class RecordSource:
 
     Every record is validated when the file is read: ``context``, ``prompt`` and ``response`` must be
     non-empty strings of valid Unicode text; other fields pass through (a field must hold one type in
-    every record). Raises ValueError naming the file and the 1-based line (JSON Lines: a line that is not
-    JSON or not an object, a bad record) or the record number from 0 (parquet), for another suffix, and
-    for a file without records or that cannot be read; FileNotFoundError when there is no such file.
+    every record). A record that fails is kept in its place as ``{UNUSABLE: "file, line N: problem"}``
+    (``unusable`` maps its index to that text), so the training stream skips and counts it, or stops on it,
+    as ``data.bad_records`` says. Raises ValueError naming the file and the 1-based line (JSON Lines) or the
+    record number from 0 (parquet) for a line that is not JSON or not an object, a file where no record is
+    usable, another suffix, and a file without records or that cannot be read; FileNotFoundError when
+    there is no such file.
     """
 
     def __init__(self, path: str | Path):
@@ -336,11 +346,17 @@ class RecordSource:
         if not self.path.is_file():
             raise FileNotFoundError(f"{self.path}: no such record file")
         if self.path.suffix == ".parquet":
-            self.records = self._read_parquet(datasets)
+            self.records, self.unusable = self._read_parquet(datasets)
+            count = len(self.records)
         else:
-            self.records = self._table(datasets, _json_lines(self.path))
-        if len(self.records) == 0:
+            records, self.unusable = _json_lines(self.path)
+            count = len(records)
+        if count == 0:
             raise ValueError(f"{self.path} has no records")
+        if len(self.unusable) == count:
+            raise ValueError(f"no record of {self.path} is usable; the first: {self.unusable[0]}")
+        if self.path.suffix != ".parquet":
+            self.records = self._table(datasets, records)
 
     def _read_parquet(self, datasets):
         # datasets converts the file to Arrow under cache_dir even when it keeps the result in memory:
@@ -352,11 +368,12 @@ class RecordSource:
                 raise ValueError(f"{self.path} has no records or cannot be read as parquet: {type(e).__name__}: {e}") from e
         present = records.column_names
         columns = {k: records[k] if k in present else [None] * len(records) for k in RECORD_FIELDS}
+        unusable = {}
         for number, values in enumerate(zip(*columns.values())):
             problem = record_problem(dict(zip(RECORD_FIELDS, values)))
             if problem:
-                raise ValueError(f"{self.path}, record {number}: {problem}")
-        return records
+                unusable[number] = f"{self.path}, record {number}: {problem}"
+        return records, unusable
 
     def _table(self, datasets, records: list[dict[str, Any]]):
         # A field absent from some records is a column holding null there (absent again from their dicts).
@@ -375,8 +392,11 @@ class RecordSource:
         return len(self.records)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
+        index = int(index)
+        if index in self.unusable:
+            return {UNUSABLE: self.unusable[index]}
         # Records share the file's columns; a field a record lacks (null there) stays absent from its dict.
-        return {k: v for k, v in self.records[int(index)].items() if v is not None}
+        return {k: v for k, v in self.records[index].items() if v is not None}
 
     def __repr__(self) -> str:
         return f"RecordSource({str(self.path)!r})"

@@ -215,10 +215,12 @@ def _train(run: RunConfig, workdir: Path, base, evaluator, stop_after, resume_st
                 if step % run.log_every == 0 or step == last_step:
                     metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
                     if metrics["nonfinite_steps_in_a_row"] >= run.train.max_nonfinite_steps:
+                        last = checkpoints.latest_step()
+                        kept = "no checkpoint was written" if last is None else f"the last checkpoint (step {last}) is intact"
                         raise FloatingPointError(
                             f"step {step}: {int(metrics['nonfinite_steps_in_a_row'])} steps in a row had non-finite loss or "
-                            f"gradients (skipped; train.max_nonfinite_steps={run.train.max_nonfinite_steps}); the last checkpoint "
-                            f"(step {checkpoints.latest_step()}) is intact: lower train.learning_rate or check the data"
+                            f"gradients (skipped; train.max_nonfinite_steps={run.train.max_nonfinite_steps}); {kept}: "
+                            "lower train.learning_rate or check the data"
                         )
                     seconds = time.perf_counter() - window_start
                     trained_seconds += seconds

@@ -13,7 +13,7 @@ import pytest
 
 from d2l_jax.data.chunking import document_affixes
 from d2l_jax.data.examples import BatchShapes, TrainExampleBuilder
-from d2l_jax.data.pipeline import MIN_RECORDS_FOR_SHARES, RecordSource, RecordStats, training_batches
+from d2l_jax.data.pipeline import MIN_RECORDS_FOR_SHARES, RecordSource, RecordStats, record_problem, training_batches
 
 RECORDS = [
     {"context": "The vault code is 4817.", "prompt": "What is the vault code?", "response": "4817", "id": 7},
@@ -57,8 +57,10 @@ def test_a_missing_field_names_the_file_and_the_record(tmp_path, suffix):
     else:
         write_jsonl(path, records)
     where = f"{path}, line 2" if suffix == ".jsonl" else f"{path}, record 1"  # lines from 1, records from 0
-    with pytest.raises(ValueError, match=rf"{re.escape(where)}: the record lacks \['prompt'\]"):
-        RecordSource(path)
+    source = RecordSource(path)  # an unusable record is kept in its place, for the stream's bad-record policy
+    assert len(source) == 3 and source[0] == RECORDS[0] and record_problem(source[0]) is None
+    assert record_problem(source[1]) == f"{where}: the record lacks ['prompt']"
+    assert sorted(source.unusable) == [1, 2]
 
 
 def test_optional_fields_stay_absent_where_a_record_lacks_them(tmp_path):
@@ -69,7 +71,7 @@ def test_optional_fields_stay_absent_where_a_record_lacks_them(tmp_path):
 
 def test_a_field_absent_from_every_record_is_missing_from_line_1(tmp_path):
     path = write_jsonl(tmp_path / "records.jsonl", [{"context": "c", "prompt": "p"}] * 2)
-    with pytest.raises(ValueError, match=rf"{re.escape(str(path))}, line 1: the record lacks \['response'\]"):
+    with pytest.raises(ValueError, match=rf"no record of {re.escape(str(path))} is usable; the first: .*, line 1: the record lacks \['response'\]"):
         RecordSource(path)
 
 
@@ -123,15 +125,13 @@ def test_a_line_that_is_not_an_object(tmp_path, line, kind):
 def test_a_field_that_is_not_a_non_empty_string(tmp_path, field, value, problem):
     path = tmp_path / "records.jsonl"
     path.write_text(json.dumps(RECORDS[0]) + "\n" + json.dumps(RECORDS[1]) + "\n" + json.dumps(dict(RECORDS[2], **{field: value})) + "\n")
-    with pytest.raises(ValueError, match=rf"{re.escape(str(path))}, line 3: {problem}"):
-        RecordSource(path)
+    assert re.match(rf"{re.escape(str(path))}, line 3: {problem}", record_problem(RecordSource(path)[2]))
 
 
 def test_a_bad_parquet_record_is_named_by_its_number(tmp_path):
     path = tmp_path / "records.parquet"
     datasets.Dataset.from_list([RECORDS[0], RECORDS[1], dict(RECORDS[2], context="")]).to_parquet(path)
-    with pytest.raises(ValueError, match=rf"{re.escape(str(path))}, record 2: field 'context' must be a non-empty string, got ''"):
-        RecordSource(path)
+    assert record_problem(RecordSource(path)[2]) == f"{path}, record 2: field 'context' must be a non-empty string, got ''"
     path.write_bytes(b"not parquet at all")
     with pytest.raises(ValueError, match=rf"{re.escape(str(path))} has no records or cannot be read as parquet"):
         RecordSource(path)
@@ -183,6 +183,26 @@ def test_a_bad_record_is_skipped_counted_and_named_once(builder, caplog):
     expected = [next(iterator)["tokens"] for _ in range(3)]
     iterator.set_state(state)
     chex.assert_trees_all_equal([next(iterator)["tokens"] for _ in range(3)], expected)
+
+
+@pytest.mark.parametrize("policy", ["skip", "stop"])
+def test_a_bad_record_of_a_file_follows_the_policy_and_is_named_by_its_line(builder, tmp_path, caplog, policy):
+    """The user's probe: a JSON Lines record with an empty context past the first 16 records."""
+    records = vault_records(30)
+    records[20]["context"] = ""
+    path = write_jsonl(tmp_path / "records.jsonl", records)
+    stats = RecordStats()
+    iterator = iter(training_batches([RecordSource(path)], builder, SHAPES, batch_size=2, seed=1, bad_records=policy, stats=stats))
+    if policy == "stop":
+        with pytest.raises(ValueError, match=rf"record 20 of RecordSource.* is bad: ValueError: {re.escape(str(path))}, line 21: field 'context'"):
+            for _ in range(15):
+                next(iterator)
+        return
+    with caplog.at_level(logging.WARNING, logger="d2l_jax.data.pipeline"):
+        for _ in range(15):
+            next(iterator)
+    assert stats.bad == 1 and stats.records == 30 + stats.bad
+    assert any(f"{path}, line 21: field 'context' must be a non-empty string" in r.getMessage() for r in caplog.records)
 
 
 def test_a_bad_record_stops_the_stream_under_stop(builder):

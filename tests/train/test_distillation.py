@@ -96,13 +96,13 @@ def test_d2l_and_cd_steps_give_the_same_loss_for_the_same_student(base_params, k
     )
 
     length = micro["ctx_tokens"].shape[1]
-    lora = document_adapters(
+    lora = jax.jit(document_adapters, static_argnums=(0, 1))(
         HYPER, BASE, base_params, params, micro["ctx_tokens"].reshape(1, -1, length), micro["ctx_mask"].reshape(1, -1, length),
         micro["chunk_document"], micro["chunk_slot"], micro["num_chunks"],
     )
     assert max(float(jnp.abs(b).max()) for b in lora.B.values()) > 0
     distillation = DistillationLoss(kind)
-    targets = teacher_targets(
+    targets = jax.jit(teacher_targets, static_argnums=(0, 5))(
         BASE, base_params, micro["teacher_tokens"], micro["teacher_mask"], micro["teacher_label_positions"], distillation
     )
     batch = {name: micro[name] for name in ("tokens", "mask", "label_positions", "labels", "label_mask")} | targets
@@ -111,7 +111,7 @@ def test_d2l_and_cd_steps_give_the_same_loss_for_the_same_student(base_params, k
     opt_state = spec.optimizer(0.0).init(lora_params)
     _, _, cd_loss = cd._cd_train_step(BASE, spec, base_params, lora_params, opt_state, batch, jnp.float32(1e-3))
 
-    logits = label_logits(BASE, base_params, micro["tokens"], micro["mask"], micro["label_positions"], lora)
+    logits = jax.jit(label_logits, static_argnums=0)(BASE, base_params, micro["tokens"], micro["mask"], micro["label_positions"], lora)
     shared = distillation.loss(logits, {**targets, "labels": micro["labels"]}, micro["label_mask"])
     assert float(shared) > 0
     chex.assert_trees_all_close(d2l_metrics["distill"], shared, rtol=1e-5)

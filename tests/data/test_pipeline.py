@@ -8,7 +8,6 @@ import re
 
 import chex
 import datasets
-import numpy as np
 import pytest
 
 from d2l_jax.data.chunking import document_affixes

@@ -67,10 +67,14 @@ def checksums(tree) -> dict[str, list[int]]:
     return {jax.tree_util.keystr(path): [int(v) for v in value] for path, value in jax.tree_util.tree_flatten_with_path(sums)[0]}
 
 
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+    return jnp.all(jnp.array([True] + [jnp.isfinite(x).all() for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]))
+
+
 def all_finite(tree) -> bool:
-    """Whether every floating-point array of ``tree`` is finite."""
-    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
-    return bool(jax.jit(lambda xs: jnp.all(jnp.array([jnp.isfinite(x).all() for x in xs])))(leaves)) if leaves else True
+    """Whether every floating-point array of ``tree`` is finite (compiled once per tree structure)."""
+    return bool(_all_finite(tree))
 
 
 def base_identity(name: str, config: DecoderConfig, params) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from d2l_jax.data.pipeline import BAD_RECORD_POLICIES
 from d2l_jax.data.sources import SourceConfig
 from d2l_jax.hypernet.config import HypernetConfig, HypernetExecution
 from d2l_jax.models.base_model import BaseExecution
-from d2l_jax.train.losses import LOSS_TYPES
+from d2l_jax.train.distillation import DistillationLoss
 
 TEACHERS = ("online", "offline")
 
@@ -70,8 +70,7 @@ class TrainConfig:
     mesh: tuple[tuple[str, int], ...] = ()
 
     def __post_init__(self):
-        if self.loss not in LOSS_TYPES:
-            raise ValueError(f"loss={self.loss!r}; expected one of {LOSS_TYPES}")
+        self.distillation  # validates loss and top_k
         if self.teacher not in TEACHERS:
             raise ValueError(f"teacher={self.teacher!r}; expected one of {TEACHERS}")
         if self.loss == "full_kl" and self.teacher == "offline":
@@ -92,8 +91,13 @@ class TrainConfig:
         return dataclasses.replace(self, **changes)
 
     @property
+    def distillation(self) -> DistillationLoss:
+        """The loss strategy this run trains with (shared with context distillation)."""
+        return DistillationLoss(self.loss, self.top_k)
+
+    @property
     def uses_teacher(self) -> bool:
-        return self.loss != "ce"
+        return self.distillation.uses_teacher
 
 
 def _tuples(x):

@@ -32,7 +32,7 @@ from d2l_jax.models.decoder import Decoder
 from d2l_jax.models.families import DecoderConfig
 from d2l_jax.train import losses
 from d2l_jax.train.config import TrainConfig
-from d2l_jax.train.distillation import DistillationLoss, label_logits, teacher_targets
+from d2l_jax.train.distillation import label_logits, teacher_targets
 from d2l_jax.train.flops import train_step_flops
 from d2l_jax.train.optimizer import learning_rate_schedule, make_optimizer
 
@@ -77,7 +77,7 @@ def micro_batch_loss(
     first_adapted = base.num_layers - hyper.num_adapted(base)
     logits = label_logits(base, base_params, batch["tokens"], batch["mask"], batch["label_positions"], lora, first_adapted)
     mask = batch["label_mask"]
-    distillation = DistillationLoss(train.loss, train.top_k)
+    distillation = train.distillation
     targets = batch  # labels, and the offline teacher's targets
     if train.teacher == "online" and distillation.uses_teacher:
         targets = teacher_targets(

@@ -30,7 +30,6 @@ import dataclasses
 import functools
 import math
 import os
-import re
 import resource
 import threading
 import time
@@ -69,15 +68,6 @@ SELF_QA_INSTRUCTION = (
     "---\n\n"
     "# User Input\n"
 )
-
-QA_GENERATION_PROMPT = (
-    "Read the text below and write {num_pairs} different questions about its content, each followed by "
-    "its short answer from the text. Use exactly this format:\n"
-    "Question 1: ...\nAnswer 1: ...\nQuestion 2: ...\nAnswer 2: ...\n\n"
-    "# Text\n{document}"
-)
-_QUESTION = re.compile(r"Question\s*\d+\s*:(.*?)(?=Answer\s*\d+\s*:|Question\s*\d+\s*:|$)", re.S)
-_ANSWER = re.compile(r"Answer\s*\d+\s*:(.*?)(?=Question\s*\d+\s*:|$)", re.S)
 
 
 # Memory --------------------------------------------------------------------------------------------------
@@ -488,68 +478,3 @@ def distill_oracle(base: BaseModel, document: str, question: str, **kwargs) -> C
     if kwargs.get("response_source", "teacher") != "teacher":
         raise ValueError("oracle context distillation distils on the teacher's reply to the test question")
     return distill_document(base, document, [question], **{**kwargs, "response_source": "teacher"})
-
-
-def parse_qa_pairs(text: str) -> list[tuple[str, str]]:
-    """(question, answer) pairs from ``Question i: ... Answer i: ...`` text; pairs with an empty side are dropped."""
-    questions = [q.strip() for q in _QUESTION.findall(text)]
-    answers = [a.strip() for a in _ANSWER.findall(text)]
-    return [(q, a) for q, a in zip(questions, answers) if q and a]
-
-
-def generate_qa_pairs(base: BaseModel, document: str, num_pairs: int = 5, max_new_tokens: int = 512) -> list[tuple[str, str]]:
-    """Question-answer pairs about ``document`` written by the base model itself (greedy), at most ``num_pairs``.
-
-    May return fewer (or none) when the model does not follow the format.
-    """
-    prompt = QA_GENERATION_PROMPT.format(num_pairs=num_pairs, document=document.strip())
-    reply = base.generate([[{"role": "user", "content": prompt}]], max_new_tokens=max_new_tokens)[0]
-    return parse_qa_pairs(reply)[:num_pairs]
-
-
-class ContextDistillation:
-    """Context distillation as a method for ``d2l_jax.eval.qa.evaluate_qa``: called with a document and its
-    test questions, it distils a fresh LoRA and answers the questions without the document.
-
-    Args:
-      base: the frozen base model.
-      questions: where the training questions come from: ``"oracle"`` (each test question alone, one LoRA
-        per question, as the reference's oracle CD), ``"generated"`` (:func:`generate_qa_pairs` by the
-        base model), or a function ``document -> questions or (question, answer) pairs``.
-      answer_batch_size: questions answered per generate call.
-      **distill_kwargs: passed to :func:`distill_document`.
-
-    ``results`` collects every :class:`CDResult` in order (None where no training question was available;
-    the questions are then answered by the base model without the document, as the reference falls back).
-    """
-
-    def __init__(self, base: BaseModel, questions: str | Callable[[str], Sequence[Any]] = "oracle", answer_batch_size: int = 16, **distill_kwargs):
-        if isinstance(questions, str) and questions not in ("oracle", "generated"):
-            raise ValueError(f"questions={questions!r}; expected 'oracle', 'generated' or a function")
-        self.base, self.questions, self.answer_batch_size = base, questions, answer_batch_size
-        self.distill_kwargs = distill_kwargs
-        self.results: list[CDResult | None] = []
-
-    def _answer(self, questions: list[str], adapter: Adapter | None, max_new_tokens: int) -> list[str]:
-        lora = adapter.lora if adapter is not None else None
-        replies = []
-        for i in range(0, len(questions), self.answer_batch_size):
-            messages = [student_messages(q) for q in questions[i : i + self.answer_batch_size]]
-            replies += self.base.generate(messages, max_new_tokens=max_new_tokens, lora=lora)
-        return replies
-
-    def __call__(self, document: str, questions: list[str], max_new_tokens: int) -> list[str]:
-        if self.questions == "oracle":
-            replies = []
-            for question in questions:
-                result = distill_oracle(self.base, document, question, **self.distill_kwargs)
-                self.results.append(result)
-                replies += self._answer([question], result.adapter, max_new_tokens)
-            return replies
-        training = generate_qa_pairs(self.base, document) if self.questions == "generated" else list(self.questions(document))
-        if not training:
-            self.results.append(None)
-            return self._answer(questions, None, max_new_tokens)
-        result = distill_document(self.base, document, training, **self.distill_kwargs)
-        self.results.append(result)
-        return self._answer(questions, result.adapter, max_new_tokens)

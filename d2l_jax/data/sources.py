@@ -6,6 +6,10 @@ A source is a name in :data:`SOURCES` and its options:
            Options: ``bins`` (``((lo, hi), ...)``, required), ``records`` (per bin, default 1,000,000),
            ``split`` (``"train"``).
   records  a JSON Lines (``.jsonl``) or parquet (``.parquet``) file of records. Options: ``path`` (required).
+  qa       a question-answering file (SQuAD, ROPES, DROP, LongBench or generic records; ``data.qa_sets``):
+           one split of its questions, prompts in the closed-QA template. Options: ``path`` (required),
+           ``format`` (None = detect), ``split`` (``"train"``; also ``"validation"``, ``"all"``),
+           ``template`` (``"closed_qa"`` or ``"none"``), ``validation_share`` (None = the format's default).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from typing import Any, Callable, Mapping
 
 from d2l_jax.data.niah import NIAHSource
 from d2l_jax.data.pipeline import RecordSource
+from d2l_jax.data.qa_sets import QASource
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,8 +56,20 @@ def _records(tokenizer, seed: int, path: str) -> list[RecordSource]:
     return [RecordSource(path)]
 
 
-SOURCES: dict[str, Callable[..., list]] = {"niah": _niah, "records": _records}
-_OPTIONS = {"niah": (("bins",), ("records", "split")), "records": (("path",), ())}
+def _qa(
+    tokenizer, seed: int, path: str, format: str | None = None, split: str = "train", template: str = "closed_qa",
+    validation_share: float | None = None,
+) -> list[QASource]:
+    del tokenizer, seed  # the file holds finished questions; the split is fixed by the groups' hashes
+    return [QASource(path, format, split, template, validation_share)]
+
+
+SOURCES: dict[str, Callable[..., list]] = {"niah": _niah, "records": _records, "qa": _qa}
+_OPTIONS = {
+    "niah": (("bins",), ("records", "split")),
+    "records": (("path",), ()),
+    "qa": (("path",), ("format", "split", "template", "validation_share")),
+}
 
 
 def make_sources(source: SourceConfig, tokenizer, seed: int) -> list:

@@ -5,12 +5,13 @@ from __future__ import annotations
 from typing import Callable
 
 from d2l_jax.eval.niah import NIAHEvaluator
+from d2l_jax.eval.qa_methods import QAEvaluator
 from d2l_jax.models.base_model import BaseModel
 from d2l_jax.train.config import EvaluatorConfig
 from d2l_jax.train.loop import Evaluator
 
 # name -> constructor(base, seed=..., **options)
-EVALUATORS: dict[str, Callable[..., Evaluator]] = {"niah": NIAHEvaluator}
+EVALUATORS: dict[str, Callable[..., Evaluator]] = {"niah": NIAHEvaluator, "qa": QAEvaluator}
 
 
 def make_evaluator(config: EvaluatorConfig, base: BaseModel, seed: int = 0) -> Evaluator:

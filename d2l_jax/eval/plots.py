@@ -205,6 +205,50 @@ def accuracy_vs_update_latency(summary, png_path: str | Path, title: str = "") -
     fig.savefig(png_path, dpi=100)
 
 
+_QA_STYLES = {
+    "d2l": _METHOD_STYLES["d2l"],
+    "d2l_control": dict(color="tab:orange", marker="v", label="D2L control (unrelated document)"),
+    "cd_generated": dict(color="tab:green", marker="D", label="CD, generated questions"),
+    "cd_oracle": dict(color="tab:olive", marker="P", label="CD, oracle question"),
+}
+
+
+def qa_f1_vs_update_latency(summary, png_path: str | Path, title: str = "") -> None:
+    """QA token F1 (percent, with 95% intervals) against the median update latency per document (log
+    scale): one point per adapting method (CD once per step budget), and the in-context ceiling and
+    no-document floor as bands.
+
+    ``summary`` maps a variant (a method, or ``<cd method>@<steps>``) to ``eval.qa_methods.method_summary`` output (``f1`` with ``mean``/``low``/
+    ``high``, ``update_seconds``, ``questions``).
+    """
+    done = {m: s for m, s in summary.items() if s.get("questions")}
+    if not done:
+        raise ValueError("summary has no scored method: nothing to plot")
+    fig = Figure(figsize=(6.5, 4))
+    ax = fig.subplots()
+    for method, color, label in (("in_context", "tab:blue", "in-context (document in prompt)"), ("no_document", "gray", "no document")):
+        if method in done:
+            f1 = done[method]["f1"]
+            ax.axhline(100 * f1["mean"], color=color, linestyle="--", label=f"{label}, n={done[method]['questions']}")
+            ax.axhspan(100 * f1["low"], 100 * f1["high"], color=color, alpha=0.12)
+    for variant, s in done.items():
+        method, _, budget = variant.partition("@")
+        if method in _QA_STYLES:
+            style = _QA_STYLES[method]
+            label = f"{style['label']}{f' @ {budget} steps' if budget else ''}, n={s['questions']}"
+            error = [[100 * (s["f1"]["mean"] - s["f1"]["low"])], [100 * (s["f1"]["high"] - s["f1"]["mean"])]]
+            ax.errorbar([s["update_seconds"]], [100 * s["f1"]["mean"]], yerr=error, linestyle="none", markersize=8, capsize=3,
+                        **{**style, "label": label})
+    ax.set_xscale("log")
+    ax.set_xlabel("update latency per document (s, median)")
+    ax.set_ylabel("token F1 (%)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, loc="best")
+    ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+
+
 def write_plots(records: Sequence[dict], workdir: str | os.PathLike, window: int | None = None, title: str = "") -> list[Path]:
     """The figures of a sweep's records (``eval.sweep``) in ``workdir`` (created if absent):
     ``niah_heatmap_<method>.png`` per method, ``niah_accuracy_by_length.png`` and, with efficiency records,

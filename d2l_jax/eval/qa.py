@@ -1,6 +1,5 @@
-"""Question answering: token F1 and exact match with the reference's answer normalisation, and the
-evaluation of a method (a function from one document's questions to replies) over ``context, prompt,
-response`` records.
+"""Question answering scores: token F1 and exact match with the reference's answer normalisation, and the
+teacher-forced log-likelihood of the gold answer.
 
 Normalisation (the reference's ``normalize_answer``): typographic clean-up (hidden characters removed;
 no-break spaces, en/em dashes, curly quotes and the ellipsis character replaced by their ASCII forms),
@@ -16,17 +15,21 @@ no common token), even when both do. Exact match compares the normalised words, 
 from __future__ import annotations
 
 import collections
-import dataclasses
+import functools
 import re
 import string
-from typing import Any, Callable, Iterable, Sequence
+from typing import Iterable, Sequence
 
-from tqdm.auto import tqdm
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-from d2l_jax.data.examples import student_messages
-
-# A method answers one document's questions: (document, questions, max_new_tokens) -> one reply each.
-AnswerFn = Callable[[str, list[str], int], Sequence[str]]
+from d2l_jax.data.examples import sequence_with_labels, student_messages
+from d2l_jax.models.base_model import BaseModel
+from d2l_jax.models.families import DecoderConfig
+from d2l_jax.models.generate import bucket_length
+from d2l_jax.models.lora import LoRA
+from d2l_jax.train.distillation import label_logits
 
 _HIDDEN = re.compile("[\u00ad\u180e\u200b-\u200f\u202a-\u202e\u2060\u2066-\u2069\ufeff]")
 _TYPOGRAPHY = [
@@ -87,111 +90,65 @@ def exact_match(prediction: str, ground_truths: str | Iterable[str]) -> float:
     return float(any(answer_tokens(answer) == predicted for answer in _as_answers(ground_truths)))
 
 
-def gold_answers(record: dict[str, Any]) -> list[str]:
-    """A record's gold answers: its ``answers`` list when present, else its ``response``."""
-    answers = record.get("answers")
-    if answers is None:
-        return [record["response"]]
-    return _as_answers(answers)
-
-
-@dataclasses.dataclass(frozen=True)
-class QAResult:
-    """Scores of one method on a set of records.
-
-    Attributes:
-      records: one dict per input record, in input order: ``document`` (index of its distinct context,
-        in order of first appearance), ``prompt``, ``reply``, ``answers``, ``f1``, ``precision``,
-        ``recall`` (of the gold answer with the best F1) and ``em``.
-      f1, em: means over the records (0.0 for no records).
-    """
-
-    records: list[dict[str, Any]]
-    f1: float
-    em: float
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"f1": self.f1, "em": self.em, "num_records": len(self.records), "records": self.records}
-
-
 def score_reply(reply: str, answers: Sequence[str]) -> dict[str, float]:
     """F1 (with the precision and recall of the best-F1 answer) and exact match of one reply."""
     f1, precision, recall = max((f1_precision_recall(reply, a) for a in _as_answers(answers)), key=lambda s: s[0])
     return {"f1": f1, "precision": precision, "recall": recall, "em": exact_match(reply, answers)}
 
 
-def evaluate_qa(
-    records: Sequence[dict[str, Any]],
-    answer_fn: AnswerFn,
-    max_new_tokens: int = 256,
-    *,
-    progress: bool = True,
-    desc: str = "QA",
-) -> QAResult:
-    """Scores a method on ``context, prompt, response`` records (``answers`` may list several gold answers).
+# Teacher-forced likelihood of the gold answer --------------------------------------------------------------
 
-    Records are grouped by context; ``answer_fn(document, questions, max_new_tokens)`` is called once per
-    distinct document, in order of first appearance, with that document's prompts in record order, and
-    must return one reply per question (so a method that updates per document, such as context
-    distillation or D2L, pays its update once per document). A progress bar counts answered records.
 
-    Raises ValueError when a record lacks a field or the method returns the wrong number of replies.
+@functools.partial(jax.jit, static_argnames=("config",))
+def _mean_label_log_probs(config: DecoderConfig, params, tokens, mask, positions, labels, label_mask, lora):
+    if lora is not None:  # one adapter shared by every row
+        rows = lambda x: jnp.broadcast_to(x, (tokens.shape[0], *x.shape[1:]))
+        lora = LoRA(A={k: rows(v) for k, v in lora.A.items()}, B={k: rows(v) for k, v in lora.B.items()}, alpha=lora.alpha)
+    log_probs = jax.nn.log_softmax(label_logits(config, params, tokens, mask, positions, lora), axis=-1)
+    picked = jnp.take_along_axis(log_probs, labels[..., None], axis=-1)[..., 0]
+    return (picked * label_mask).sum(-1) / jnp.maximum(label_mask.sum(-1), 1)
+
+
+def gold_log_likelihoods(
+    base: BaseModel,
+    prompts: Sequence[str],
+    answers: Sequence[Sequence[str]],
+    context: str | None = None,
+    lora: LoRA | None = None,
+    batch_size: int = 16,
+) -> list[float]:
+    """Per question, the best over its gold answers of the mean log-probability per token (nats) that the
+    model gives the answer when it is forced as the reply: the answer's tokens and the end-of-turn token,
+    after the student prompt (with ``context`` before the question when given, as in-context answering
+    sees it), with ``lora`` (one row, shared) when given.
+
+    A finer signal than F1 for a small model whose free replies are verbose: it rises when the adapter
+    makes the gold answer more likely even if the greedy reply does not change.
+    Raises ValueError when ``prompts`` and ``answers`` differ in length or a question has no answer.
     """
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    documents: dict[str, list[int]] = {}
-    for number, record in enumerate(records):
-        missing = [k for k in ("context", "prompt") if k not in record]
-        if missing or ("response" not in record and "answers" not in record):
-            raise ValueError(f"record {number} lacks {missing or ['response or answers']}")
-        documents.setdefault(record["context"], []).append(number)
-
-    scored: list[dict[str, Any] | None] = [None] * len(records)
-    with tqdm(total=len(records), desc=desc, disable=not progress) as bar:
-        for index, (document, members) in enumerate(documents.items()):
-            questions = [records[i]["prompt"] for i in members]
-            replies = list(answer_fn(document, questions, max_new_tokens))
-            if len(replies) != len(questions):
-                raise ValueError(f"the method returned {len(replies)} replies for {len(questions)} questions")
-            for i, reply in zip(members, replies):
-                answers = gold_answers(records[i])
-                scored[i] = {"document": index, "prompt": records[i]["prompt"], "reply": reply, "answers": answers}
-                scored[i].update(score_reply(reply, answers))
-            bar.update(len(members))
-    count = max(len(scored), 1)
-    return QAResult(
-        records=scored,
-        f1=sum(r["f1"] for r in scored) / count,
-        em=sum(r["em"] for r in scored) / count,
-    )
-
-
-# Methods for evaluate_qa --------------------------------------------------------------------------------
-
-
-def in_context_answers(base, with_context: bool = True, batch_size: int = 16) -> AnswerFn:
-    """Greedy replies of the base model with the document before each question in the prompt (the
-    reference's in-context baseline), or without the document (``with_context=False``)."""
-    def answer(document: str, questions: list[str], max_new_tokens: int) -> list[str]:
-        replies = []
-        for i in range(0, len(questions), batch_size):
-            batch = questions[i : i + batch_size]
-            messages = [student_messages(q, context=document if with_context else None) for q in batch]
-            replies += base.generate(messages, max_new_tokens=max_new_tokens)
-        return replies
-
-    return answer
-
-
-def d2l_answers(d2l, batch_size: int = 16) -> AnswerFn:
-    """Greedy replies of a D2L student: the document is internalized once, then every question is asked
-    without it in the prompt."""
-    def answer(document: str, questions: list[str], max_new_tokens: int) -> list[str]:
-        [adapter] = d2l.adapters([document])
-        replies = []
-        for i in range(0, len(questions), batch_size):
-            messages = [student_messages(q) for q in questions[i : i + batch_size]]
-            replies += d2l.generate(messages, adapter=adapter, max_new_tokens=max_new_tokens)
-        return replies
-
-    return answer
+    if len(prompts) != len(answers):
+        raise ValueError(f"{len(prompts)} prompts but {len(answers)} answer lists")
+    tokenizer = base._require_tokenizer()
+    rows = []  # (question index, ids, label start, label end)
+    for i, (prompt, golds) in enumerate(zip(prompts, answers)):
+        for gold in _as_answers(golds):
+            ids, start, end = sequence_with_labels(tokenizer, student_messages(prompt, gold, context), base.stop_token_ids)
+            base.check_length(len(ids), f"question {i} with its gold answer")
+            rows.append((i, ids, start, end))
+    best = np.full(len(prompts), -np.inf)
+    for first in range(0, len(rows), batch_size):
+        batch = rows[first : first + batch_size]
+        height = 1 << (len(batch) - 1).bit_length()
+        width = bucket_length(max(len(ids) for _, ids, _, _ in batch))
+        labels_width = bucket_length(max(end - start for _, _, start, end in batch), minimum=8)
+        tokens, mask = np.zeros((height, width), np.int32), np.zeros((height, width), np.int32)
+        positions, labels = np.zeros((height, labels_width), np.int32), np.zeros((height, labels_width), np.int32)
+        label_mask = np.zeros((height, labels_width), np.int32)
+        for r, (_, ids, start, end) in enumerate(batch):
+            tokens[r, : len(ids)], mask[r, : len(ids)] = ids, 1
+            positions[r, : end - start] = np.arange(start, end) - 1
+            labels[r, : end - start], label_mask[r, : end - start] = ids[start:end], 1
+        means = np.asarray(_mean_label_log_probs(base.config, base.params, tokens, mask, positions, labels, label_mask, lora))
+        for r, (i, _, _, _) in enumerate(batch):
+            best[i] = max(best[i], float(means[r]))
+    return best.tolist()

@@ -13,7 +13,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 RESULTS_FILE = "results.json"
 
@@ -84,23 +84,29 @@ class ResultsFile:
     Attributes:
       path: ``workdir / RESULTS_FILE``.
       data: the file's content; ``data["records"]`` grows with :meth:`add`.
-      done: the :func:`cell_key` of every record.
+      done: the ``key`` of every record (by default its :func:`cell_key`).
 
     Raises ValueError (on construction) when the file is not a results file, or when ``identity`` gives
     another value for a key the file already holds (results of different runs are never mixed).
     """
 
-    def __init__(self, workdir: str | os.PathLike, settings: Mapping[str, Any], identity: Mapping[str, Any] | None):
-        self.path = Path(workdir) / RESULTS_FILE
+    def __init__(
+        self,
+        workdir: str | os.PathLike,
+        settings: Mapping[str, Any],
+        identity: Mapping[str, Any] | None,
+        key: Callable[[Mapping[str, Any]], tuple] = cell_key,
+    ):
+        self.path, self.key = Path(workdir) / RESULTS_FILE, key
         self.data = read_results(self.path)
         identity = dict(identity or {})
         _check_identity(self.path, self.data.get("identity", {}), identity)
         self.data["identity"] = {**self.data.get("identity", {}), **identity}
         self.data["settings"] = dict(settings)
-        self.done = {cell_key(r) for r in self.data["records"]}
+        self.done = {key(r) for r in self.data["records"]}
 
     def add(self, record: dict) -> None:
         """Appends ``record`` and rewrites the file."""
         self.data["records"].append(record)
-        self.done.add(cell_key(record))
+        self.done.add(self.key(record))
         write_results(self.path, self.data)

@@ -10,10 +10,9 @@ import numpy as np
 import pytest
 
 import d2l_jax
-from d2l_jax.baselines import ContextDistillation, distill_document, distill_oracle, parse_qa_pairs
+from d2l_jax.baselines import distill_document, distill_oracle
 from d2l_jax.baselines import context_distillation as cd
 from d2l_jax.data.examples import sequence_with_labels, student_messages
-from d2l_jax.eval.qa import evaluate_qa
 from d2l_jax.models.base_model import BaseModel
 from d2l_jax.models.decoder import Decoder
 from d2l_jax.models.families import DecoderConfig
@@ -170,15 +169,6 @@ def test_adapter_plugs_into_d2l(trained, tiny_base):
     )
 
 
-def test_context_distillation_as_a_qa_method(tiny_base):
-    records = [{"context": DOC, "prompt": q, "response": a} for q, a in QA[:2]]
-    method = ContextDistillation(tiny_base, questions=lambda doc: QA, steps=2, response_source="given", progress=False)
-    result = evaluate_qa(records, method, max_new_tokens=4, progress=False)
-    assert len(result.records) == 2 and len(method.results) == 1 and method.results[0].questions == [q for q, _ in QA]
-    expected = tiny_base.generate([student_messages(q) for q, _ in QA[:2]], lora=method.results[0].adapter.lora, max_new_tokens=4)
-    assert [r["reply"] for r in result.records] == expected
-
-
 def test_bad_input_is_rejected(tiny_base):
     with pytest.raises(ValueError, match="no questions"):
         distill_document(tiny_base, DOC, [], steps=1, progress=False)
@@ -192,9 +182,3 @@ def test_bad_input_is_rejected(tiny_base):
         distill_document(tiny_base, "   ", QA, steps=1, response_source="given", progress=False)
     with pytest.raises(ValueError, match="tokens"):
         distill_document(tiny_base, DOC * 60, QA, steps=1, response_source="given", progress=False)
-
-
-def test_parse_qa_pairs():
-    text = "Question 1: What is the code?\nAnswer 1: 4817\n\nQuestion 2: Where?\nAnswer 2:  Lisbon.\nQuestion 3: Unanswered?"
-    assert parse_qa_pairs(text) == [("What is the code?", "4817"), ("Where?", "Lisbon.")]
-    assert parse_qa_pairs("no pairs here") == []

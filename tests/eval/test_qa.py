@@ -2,7 +2,7 @@
 
 import pytest
 
-from d2l_jax.eval.qa import answer_tokens, evaluate_qa, exact_match, f1_precision_recall, normalize_answer, token_f1
+from d2l_jax.eval.qa import answer_tokens, exact_match, f1_precision_recall, normalize_answer, score_reply, token_f1
 
 
 @pytest.mark.parametrize(
@@ -60,33 +60,8 @@ def test_empty_answers():
         token_f1("x", [])
 
 
-def test_evaluate_qa_groups_questions_by_document():
-    records = [
-        {"context": "doc A", "prompt": "qa1", "response": "red apple"},
-        {"context": "doc B", "prompt": "qb1", "response": "blue"},
-        {"context": "doc A", "prompt": "qa2", "answers": ["seven", "7"]},
-    ]
-    calls = []
-
-    def method(document, questions, max_new_tokens):
-        calls.append((document, list(questions), max_new_tokens))
-        replies = {"qa1": "an apple", "qa2": "7", "qb1": "green"}
-        return [replies[q] for q in questions]
-
-    result = evaluate_qa(records, method, max_new_tokens=12, progress=False)
-    assert calls == [("doc A", ["qa1", "qa2"], 12), ("doc B", ["qb1"], 12)]
-    f1s = [r["f1"] for r in result.records]
-    assert f1s == pytest.approx([2 / 3, 0.0, 1.0])
-    assert [r["em"] for r in result.records] == [0.0, 0.0, 1.0]
-    assert [r["document"] for r in result.records] == [0, 1, 0]
-    assert result.records[0]["precision"] == 1.0 and result.records[0]["recall"] == 0.5
-    assert result.f1 == pytest.approx((2 / 3 + 1.0) / 3) and result.em == pytest.approx(1 / 3)
-    assert result.as_dict()["num_records"] == 3
-
-
-def test_evaluate_qa_rejects_bad_input():
-    records = [{"context": "d", "prompt": "q", "response": "a"}]
-    with pytest.raises(ValueError, match="replies"):
-        evaluate_qa(records, lambda d, qs, n: [], progress=False)
-    with pytest.raises(ValueError, match="lacks"):
-        evaluate_qa([{"context": "d", "response": "a"}], lambda d, qs, n: ["x"] * len(qs), progress=False)
+def test_score_reply_takes_the_best_gold_answer():
+    scores = score_reply("an apple", ["red apple", "apple"])
+    assert scores == {"f1": 1.0, "precision": 1.0, "recall": 1.0, "em": 1.0}
+    scores = score_reply("a red fruit", ["red apple", "seven"])
+    assert scores["f1"] == pytest.approx(0.5) and scores["precision"] == 0.5 and scores["recall"] == 0.5 and scores["em"] == 0.0

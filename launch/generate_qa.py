@@ -1,0 +1,74 @@
+r"""Self-generated question-answer training data (reference-facts §7.2): the base model writes questions about
+each document, answers them with the document in its prompt, and the teacher's top-k log-probabilities are
+stored for offline distillation.
+
+  python -m launch.generate_qa --documents=FILE_OR_DIR --out=qa.parquet [--rounds=2 --max_documents=100]
+  python -m launch.generate_qa --questions_from=squad.jsonl --out=squad_teacher.parquet   # teacher only
+
+``--documents``: a ``.txt`` file (the whole file is one document), a directory of ``.txt`` files (one
+document each), or a ``.jsonl``/``.parquet`` file with a ``context`` field (its distinct contexts, in order).
+``--questions_from``: a ``.jsonl``/``.parquet`` file of ``context, prompt`` records (e.g. a QA data set's
+own questions): no questions are generated, the teacher answers these.
+
+Writes ``--out`` (parquet rows ``context, prompt, response, generator_answer, round, document_index,
+teacher_log_probs, teacher_ids``, a ``records`` data source for training) and ``<out>.summary.json``, and
+prints the summary. Work is saved per batch under ``<out>.parts/``: rerunning the same command resumes.
+"""
+
+import json
+
+from absl import app, flags
+
+from d2l_jax.data import self_gen
+from d2l_jax.models.base_model import load_base_model
+
+_DOCUMENTS = flags.DEFINE_string("documents", None, "Documents to write questions about (.txt, a directory of .txt, .jsonl or .parquet).")
+_QUESTIONS_FROM = flags.DEFINE_string(
+    "questions_from", None, "Records with context and prompt to answer (teacher only; no question generation)."
+)
+_OUT = flags.DEFINE_string("out", None, "Output parquet file.", required=True)
+_MODEL = flags.DEFINE_string("model", "smollm2-135m-instruct", "Embedded model name, .gguf file or HF directory.")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Parameter and compute dtype.")
+_ROUNDS = flags.DEFINE_integer(
+    "rounds",
+    self_gen.TRAINING_DATA_ROUNDS,
+    "Question rounds per document (the reference: 2 for training data, 4 for context distillation).",
+)
+_PAIRS_PER_ROUND = flags.DEFINE_integer("pairs_per_round", self_gen.PAIRS_PER_ROUND, "Question-answer pairs asked for per round.")
+_MAX_DOCUMENTS = flags.DEFINE_integer("max_documents", None, "Use only the first N documents (distinct contexts).")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "Documents per part (and prompts per generate call).")
+_TOP_K = flags.DEFINE_integer("top_k", self_gen.TOP_K, "Teacher log-probabilities stored per label token.")
+_MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", self_gen.TEACHER_TOKENS, "The teacher's reply budget; longer replies are dropped.")
+_QUESTION_TOKENS = flags.DEFINE_integer("question_tokens", self_gen.QUESTION_TOKENS, "The question generator's budget per round.")
+
+
+def main(argv):
+    del argv
+    if (_DOCUMENTS.value is None) == (_QUESTIONS_FROM.value is None):
+        raise app.UsageError("give exactly one of --documents and --questions_from")
+    try:
+        if _DOCUMENTS.value is not None:
+            inputs = self_gen.read_documents(_DOCUMENTS.value, _MAX_DOCUMENTS.value)
+        else:
+            inputs = self_gen.read_records(_QUESTIONS_FROM.value, _MAX_DOCUMENTS.value)
+    except (OSError, ValueError) as error:
+        raise app.UsageError(str(error)) from error
+    base = load_base_model(_MODEL.value, dtype=_DTYPE.value)
+    common = dict(batch_size=_BATCH_SIZE.value, top_k=_TOP_K.value, max_new_tokens=_MAX_NEW_TOKENS.value)
+    if _DOCUMENTS.value is not None:
+        summary = self_gen.generate_qa_file(
+            base,
+            inputs,
+            _OUT.value,
+            rounds=_ROUNDS.value,
+            pairs_per_round=_PAIRS_PER_ROUND.value,
+            question_tokens=_QUESTION_TOKENS.value,
+            **common,
+        )
+    else:
+        summary = self_gen.answer_records_file(base, inputs, _OUT.value, **common)
+    print(json.dumps(summary, indent=1))
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,305 @@
+"""QA sets as records: every format read with all its gold answers, format detection, malformed files refused
+naming the file and the record, the validation split by held-out groups, and the ``qa`` training source."""
+
+import gzip
+import hashlib
+import json
+import re
+
+import datasets
+import pytest
+
+from d2l_jax.data.chunking import document_affixes
+from d2l_jax.data.examples import BatchShapes, TrainExampleBuilder
+from d2l_jax.data.pipeline import record_problem, training_batches
+from d2l_jax.data.qa_sets import (
+    CLOSED_QA_TEMPLATE,
+    VALIDATION_SHARES,
+    QASource,
+    closed_qa_prompt,
+    contexts,
+    is_held_out,
+    load_qa,
+    read_qa,
+    split_records,
+)
+from d2l_jax.data.sources import SourceConfig, make_sources
+
+RECORD_KEYS = ["context", "prompt", "response", "answers", "id", "group"]
+
+
+def qa(question, *answers, id=None):
+    entry = {"question": question, "answers": [{"text": a, "answer_start": 0} for a in answers]}
+    return entry if id is None else dict(entry, id=id)
+
+
+def squad(*articles):
+    return {"version": "1.1", "data": [{"title": t, "paragraphs": [{"context": c, "qas": q} for c, q in ps]} for t, ps in articles]}
+
+
+SQUAD = squad(
+    ("Lisbon", [("The vault is in Lisbon.", [qa("Where is the vault?", "Lisbon", "in Lisbon", "Lisbon", id="q1")]),
+                ("Ada wrote it.", [qa("Who wrote it?", "Ada", id="q2"), qa("What did Ada do?", "wrote it", id="q3")])]),
+    ("Codes", [("The vault code is 4817.", [qa("What is the vault code?", "4817", id="q4")]),
+               ("The vault is in Lisbon.", [qa("Which city?", "Lisbon", id="q5")])]),  # a context seen before
+)
+ROPES = {"version": "1.0", "data": [{"title": "ropes", "paragraphs": [
+    {"background": "Heat melts ice.", "situation": "Tom heats ice A.",
+     "qas": [{"question": "Which ice melts?", "id": "r1", "answers": [{"text": "ice A"}]}]},
+    {"background": "Heat melts ice.", "situation": "Ann cools ice B.",
+     "qas": [{"question": "Does ice B melt?", "id": "r2", "answers": [{"text": "no"}]}]},
+    {"background": "Salt lowers the melting point.", "situation": "Road X is salted.",
+     "qas": [{"question": "Which road thaws first?", "id": "r3", "answers": [{"text": "Road X"}]}]},
+]}]}
+DROP = [
+    {"section_id": "nfl_1", "query_id": "d1", "passage": "The Lions scored 3 field goals.", "question": "How many field goals?",
+     "answers_spans": {"spans": ["3", "three", "3"], "types": ["number", "span", "number"]}},
+    {"section_id": "nfl_2", "query_id": "d2", "passage": "Ada ran 40 yards.", "question": "Who ran?",
+     "answers_spans": {"spans": ["Ada"], "types": ["span"]}},
+    {"section_id": "nfl_1", "query_id": "d3", "passage": "The Lions scored 3 field goals.", "question": "Who scored?",
+     "answers_spans": {"spans": ["The Lions"], "types": ["span"]}},
+]
+LONGBENCH = [
+    {"context": "A long paper about vaults.", "input": "What is it about?", "answers": ["vaults", "vault"], "_id": "lb1", "length": 5},
+    {"context": "A long paper about codes.", "input": "What is it about?", "answers": ["codes"], "_id": "lb2", "length": 5},
+]
+GENERIC = [
+    {"context": "The vault code is 4817.", "prompt": "What is the vault code?", "response": "4817", "answers": ["4817", "four eight one seven"], "id": 7},
+    {"context": "Ada wrote it.", "prompt": "Who wrote it?", "response": "Ada", "answers": ["Ada Lovelace"], "id": 8},
+]
+
+
+def write_json(path, value):
+    path.write_text(json.dumps(value))
+    return path
+
+
+def write_jsonl(path, rows, gap=""):
+    path.write_text("".join(json.dumps(r) + "\n" + gap for r in rows))
+    return path
+
+
+def digest(text):
+    return hashlib.sha1(text.encode()).hexdigest()[:12]
+
+
+@pytest.mark.parametrize("name", ["squad.json", "squad.json.gz"])
+def test_squad_keeps_every_answer_grouped_by_context(tmp_path, name):
+    path = tmp_path / name
+    if name.endswith(".gz"):
+        with gzip.open(path, "wt") as f:
+            json.dump(SQUAD, f)
+    else:
+        write_json(path, SQUAD)
+    records = load_qa(path)
+    assert [r["id"] for r in records] == ["q1", "q5", "q2", "q3", "q4"]  # q5's context first appears with q1
+    assert records[0] == {
+        "context": "The vault is in Lisbon.", "prompt": "Where is the vault?", "response": "Lisbon",
+        "answers": ["Lisbon", "in Lisbon"], "id": "q1", "group": "Lisbon",
+    }
+    assert [r["group"] for r in records] == ["Lisbon", "Lisbon", "Lisbon", "Lisbon", "Codes"]  # a context keeps one group
+    assert all(list(r) == RECORD_KEYS and record_problem(r) is None for r in records)
+    assert [(c, [r["id"] for r in rs]) for c, rs in contexts(records)] == [
+        ("The vault is in Lisbon.", ["q1", "q5"]), ("Ada wrote it.", ["q2", "q3"]), ("The vault code is 4817.", ["q4"])
+    ]
+
+
+def test_a_file_datasets_cannot_type_is_read_with_json(tmp_path):
+    path = tmp_path / "squad.json"
+    path.write_text("\ufeff" + json.dumps(SQUAD), encoding="utf-8")  # datasets refuses the byte-order mark
+    assert load_qa(path) == load_qa(write_json(tmp_path / "plain.json", SQUAD))
+    rows = [LONGBENCH[0], dict(LONGBENCH[1], answers=[["codes"]])]
+    path = write_jsonl(tmp_path / "longbench.jsonl", rows)  # an answer that is a list: datasets fails, json names it
+    with pytest.raises(ValueError, match=r"longbench\.jsonl, line 2: answers\[0\] must be a non-empty string, got array \[\'codes\'\]"):
+        load_qa(path)
+
+
+def test_ropes_context_is_background_and_situation(tmp_path):
+    records = load_qa(write_json(tmp_path / "ropes.json", ROPES))
+    assert [r["context"] for r in records] == ["Heat melts ice.\nTom heats ice A.", "Heat melts ice.\nAnn cools ice B.",
+                                               "Salt lowers the melting point.\nRoad X is salted."]
+    assert [r["group"] for r in records] == [digest("Heat melts ice.")] * 2 + [digest("Salt lowers the melting point.")]
+    first = records[0]
+    assert (first["prompt"], first["response"], first["answers"], first["id"]) == ("Which ice melts?", "ice A", ["ice A"], "r1")
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
+def test_drop_rows_keep_every_span(tmp_path, suffix):
+    path = tmp_path / f"drop{suffix}"
+    if suffix == ".parquet":
+        datasets.Dataset.from_list(DROP).to_parquet(path)
+    else:
+        write_jsonl(path, DROP)
+    records = load_qa(path)
+    assert [r["id"] for r in records] == ["d1", "d3", "d2"]  # the passage's questions together
+    assert records[0]["answers"] == ["3", "three"] and records[0]["response"] == "3"
+    assert [r["group"] for r in records] == ["nfl_1", "nfl_1", "nfl_2"]
+    rows = [{k: v for k, v in r.items() if k not in ("section_id", "query_id")} for r in DROP]
+    records = load_qa(write_jsonl(tmp_path / "bare.jsonl", rows))
+    assert records[0]["group"] == digest(DROP[0]["passage"]) and records[0]["id"] == "record 0"
+
+
+def test_longbench_and_generic_records(tmp_path):
+    records = load_qa(write_jsonl(tmp_path / "longbench.jsonl", LONGBENCH))
+    assert records[0] == {"context": "A long paper about vaults.", "prompt": "What is it about?", "response": "vaults",
+                          "answers": ["vaults", "vault"], "id": "lb1", "group": digest("A long paper about vaults.")}
+    records = load_qa(write_json(tmp_path / "records.json", GENERIC))  # a JSON array of rows
+    assert [(r["response"], r["answers"], r["id"]) for r in records] == [
+        ("4817", ["4817", "four eight one seven"], "7"), ("Ada", ["Ada", "Ada Lovelace"], "8")
+    ]
+
+
+def test_the_format_is_detected_from_the_content(tmp_path):
+    files = {
+        "squad": write_json(tmp_path / "a.json", SQUAD),
+        "ropes": write_json(tmp_path / "b.json", ROPES),
+        "drop": write_jsonl(tmp_path / "c.jsonl", DROP),
+        "longbench": write_jsonl(tmp_path / "d.json", LONGBENCH),
+        "records": write_jsonl(tmp_path / "e.jsonl", GENERIC, gap="\n"),
+    }
+    for format, path in files.items():
+        assert read_qa(path)[0] == format
+        assert read_qa(path, format) == read_qa(path)
+    with pytest.raises(ValueError, match=rf"{re.escape(str(files['drop']))}: format 'squad' expects one JSON object"):
+        read_qa(files["drop"], "squad")
+    with pytest.raises(ValueError, match=r"format 'drop' expects rows .* but the file holds one JSON object"):
+        read_qa(files["squad"], "drop")
+    path = write_jsonl(tmp_path / "other.jsonl", [{"text": "t", "label": "l"}])
+    with pytest.raises(ValueError, match=rf"{re.escape(str(path))}: cannot tell the format from the columns \['label', 'text'\]"):
+        read_qa(path)
+    with pytest.raises(ValueError, match=r"unknown QA format 'nq'"):
+        read_qa(path, "nq")
+    with pytest.raises(FileNotFoundError, match="absent.json"):
+        read_qa(tmp_path / "absent.json")
+
+
+def squad_with(tmp_path, field, value):
+    """The SQuAD fixture with one field of data[1].paragraphs[0].qas[0] replaced (deleted for None)."""
+    document = json.loads(json.dumps(SQUAD))
+    entry = document["data"][1]["paragraphs"][0]["qas"][0]
+    entry.pop(field) if value is None else entry.update({field: value})
+    return write_json(tmp_path / "squad.json", document)
+
+
+@pytest.mark.parametrize(
+    "field, value, problem",
+    [
+        ("question", None, r"no 'question'"),
+        ("question", 5, r"field 'question' must be a non-empty string, got number 5"),
+        ("question", " ", r"field 'question' must be a non-empty string, got string ' '"),
+        ("answers", [], r"no answers"),
+        ("answers", [{"text": ""}], r"answers\[0\]: field 'text' must be a non-empty string, got string ''"),
+        ("answers", "Lisbon", r"field 'answers' must be a list, got string 'Lisbon'"),
+    ],
+)
+def test_a_bad_squad_question_is_named(tmp_path, field, value, problem):
+    path = squad_with(tmp_path, field, value)
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}: data\[1\]\.paragraphs\[0\]\.qas\[0\]: {problem}$"):
+        load_qa(path)
+
+
+def test_a_bad_nested_file_is_named(tmp_path):
+    document = json.loads(json.dumps(SQUAD))
+    document["data"][0]["paragraphs"][1]["context"] = ""
+    path = write_json(tmp_path / "squad.json", document)
+    with pytest.raises(ValueError, match=r"squad\.json: data\[0\]\.paragraphs\[1\]: field 'context' must be a non-empty string, got string ''"):
+        load_qa(path)
+    path.write_text(json.dumps(SQUAD)[:-30])
+    with pytest.raises(ValueError, match=rf"{re.escape(str(path))}: not valid JSON \(.*, line 1 column \d+\)"):
+        load_qa(path)
+    write_json(path, {"data": {"title": "x"}})
+    with pytest.raises(ValueError, match=r"squad\.json: expected a list of articles in 'data', got object"):
+        load_qa(path, "squad")
+    document = json.loads(json.dumps(ROPES))
+    del document["data"][0]["paragraphs"][2]["situation"]
+    with pytest.raises(ValueError, match=r"ropes\.json: data\[0\]\.paragraphs\[2\]: no 'situation'"):
+        load_qa(write_json(tmp_path / "ropes.json", document))
+
+
+def test_a_bad_row_is_named_by_its_line(tmp_path):
+    rows = [DROP[0], DROP[1], dict(DROP[2], question=["Who?"])]
+    path = write_jsonl(tmp_path / "drop.jsonl", rows, gap="\n")  # blank lines between rows: line 5 is the third row
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}, line 5: field 'question' must be a non-empty string, got array \['Who\?'\]$"):
+        load_qa(path)
+    write_jsonl(path, [DROP[0], dict(DROP[1], answers_spans={"spans": [], "types": []})])
+    with pytest.raises(ValueError, match=r"drop\.jsonl, line 2: no answers \(answers_spans\.spans is empty\)"):
+        load_qa(path)
+    path.write_text(json.dumps(DROP[0]) + "\n" + json.dumps(DROP[1])[:-5] + "\n")
+    with pytest.raises(ValueError, match=r"drop\.jsonl, line 2: not valid JSON"):
+        load_qa(path)
+    path.write_text(json.dumps(LONGBENCH[0]) + "\n[1, 2]\n")
+    with pytest.raises(ValueError, match=r"drop\.jsonl, line 2: expected a JSON object \(a record\), got array"):
+        load_qa(path)
+    write_jsonl(path, [LONGBENCH[0], dict(LONGBENCH[1], context="caf\ud800")])
+    with pytest.raises(ValueError, match=r"line 2: field 'context' is not valid Unicode text: character 3"):
+        load_qa(path)
+
+
+def test_a_bad_parquet_row_is_named_by_its_number(tmp_path):
+    path = tmp_path / "records.parquet"
+    datasets.Dataset.from_list([GENERIC[0], dict(GENERIC[1], response="")]).to_parquet(path)
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}, record 1: field 'response' must be a non-empty string, got string ''$"):
+        load_qa(path)
+
+
+def test_reading_leaves_no_cache_behind(tmp_path, monkeypatch):
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "user_cache")
+    write_json(tmp_path / "squad.json", SQUAD)
+    assert load_qa(tmp_path / "squad.json") == load_qa(tmp_path / "squad.json")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["squad.json"]
+
+
+ARTICLES = [
+    (f"Article_{a}", [(f"Paragraph {a}.{p}.", [qa(f"Question {a}.{p}.{q}?", "answer") for q in range(2)]) for p in range(2)])
+    for a in range(40)
+]
+
+
+def test_the_split_holds_out_whole_groups(tmp_path):
+    records = load_qa(write_json(tmp_path / "squad.json", squad(*ARTICLES)))
+    train, validation = split_records(records, "train", 0.25), split_records(records, "validation", 0.25)
+    held = sorted({r["group"] for r in validation})
+    # Pinned: the split is the same on every machine and Python version.
+    assert held == ["Article_17", "Article_19", "Article_23", "Article_24", "Article_27", "Article_3", "Article_34", "Article_39", "Article_9"]
+    assert held == sorted(f"Article_{a}" for a in range(40) if is_held_out(f"Article_{a}", 0.25))
+    assert len(validation) == 9 * 4 and len(train) + len(validation) == len(records) == 160
+    assert sorted(r["id"] for r in train + validation) == sorted(r["id"] for r in records)  # each record once
+    assert not {r["context"] for r in train} & {r["context"] for r in validation}
+    assert not {r["group"] for r in train} & set(held)
+    assert split_records(records, "all", 0.25) == records
+    assert split_records(records, "validation", 0.0) == [] and split_records(records, "train", 1.0) == []
+    with pytest.raises(ValueError, match=r"split='test'; expected one of \('train', 'validation', 'all'\)"):
+        split_records(records, "test", 0.25)
+    with pytest.raises(ValueError, match=r"validation_share=1\.5 must be a share in \[0, 1\]"):
+        split_records(records, "train", 1.5)
+
+
+def test_the_qa_source_serves_templated_prompts(tmp_path):
+    path = write_json(tmp_path / "squad.json", squad(*ARTICLES))
+    [train] = make_sources(SourceConfig("qa", {"path": str(path)}), tokenizer=None, seed=0)
+    assert isinstance(train, QASource) and train.format == "squad" and train.validation_share == VALIDATION_SHARES["squad"]
+    [validation] = make_sources(SourceConfig("qa", {"path": str(path), "split": "validation", "validation_share": 0.25}), None, 0)
+    assert len(validation) == 36 and len(train) + len(split_records(load_qa(path), "validation", VALIDATION_SHARES["squad"])) == 160
+    record = validation[0]
+    assert record["prompt"] == CLOSED_QA_TEMPLATE.format(question="Question 3.0.0?") == closed_qa_prompt("Question 3.0.0?")
+    assert record["prompt"].startswith("Answer the following question. Output only the answer") and record_problem(record) is None
+    assert repr(validation) == f"QASource({str(path)!r}, format='squad', split='validation')"
+    [raw] = make_sources(SourceConfig("qa", {"path": str(path), "template": "none", "split": "all"}), None, 0)
+    assert raw[0]["prompt"] == "Question 0.0.0?" and len(raw) == 160
+    with pytest.raises(ValueError, match=r"data source 'qa': missing options \[\], unknown options \['shuffle'\]"):
+        SourceConfig("qa", {"path": str(path), "shuffle": True})
+    with pytest.raises(ValueError, match=r"template='chat'; expected one of \('closed_qa', 'none'\)"):
+        QASource(path, template="chat")
+    with pytest.raises(ValueError, match=r"squad\.json: the 'validation' split \(validation_share=0\.0\) has no records"):
+        QASource(path, split="validation", validation_share=0.0)
+
+
+def test_training_batches_read_a_qa_source(tmp_path, smollm2):
+    tok = smollm2.tokenizer
+    builder = TrainExampleBuilder(tok, document_affixes(tok), smollm2.stop_token_ids, 64)
+    shapes = BatchShapes(max_chunk_len=64, chunks_per_context=1, max_student_len=64, max_labels=8)
+    source = QASource(write_jsonl(tmp_path / "drop.jsonl", DROP), split="all")
+    batch = next(iter(training_batches([source], builder, shapes, batch_size=2, seed=0)))
+    assert batch["tokens"].shape == (1, 2, 64) and batch["label_mask"].sum() > 0
+    text = tok.decode(batch["tokens"][0, 0])
+    assert "Answer the following question." in text and "Question: " in text

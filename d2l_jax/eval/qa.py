@@ -101,36 +101,45 @@ def score_reply(reply: str, answers: Sequence[str]) -> dict[str, float]:
 
 @functools.partial(jax.jit, static_argnames=("config",))
 def _mean_label_log_probs(config: DecoderConfig, params, tokens, mask, positions, labels, label_mask, lora):
-    if lora is not None:  # one adapter shared by every row
-        rows = lambda x: jnp.broadcast_to(x, (tokens.shape[0], *x.shape[1:]))
-        lora = LoRA(A={k: rows(v) for k, v in lora.A.items()}, B={k: rows(v) for k, v in lora.B.items()}, alpha=lora.alpha)
     log_probs = jax.nn.log_softmax(label_logits(config, params, tokens, mask, positions, lora), axis=-1)
     picked = jnp.take_along_axis(log_probs, labels[..., None], axis=-1)[..., 0]
     return (picked * label_mask).sum(-1) / jnp.maximum(label_mask.sum(-1), 1)
+
+
+def _lora_rows(lora: LoRA, rows: Sequence[int], height: int) -> LoRA:
+    """The adapter rows of ``rows`` (row 0 for every row of a one-row adapter), padded to ``height`` rows."""
+    index = np.asarray(list(rows) + [rows[-1]] * (height - len(rows)))
+    if next(iter(lora.A.values())).shape[0] == 1:
+        index = np.zeros_like(index)
+    take = lambda x: jnp.take(x, index, axis=0)
+    return LoRA(A={k: take(v) for k, v in lora.A.items()}, B={k: take(v) for k, v in lora.B.items()}, alpha=lora.alpha)
 
 
 def gold_log_likelihoods(
     base: BaseModel,
     prompts: Sequence[str],
     answers: Sequence[Sequence[str]],
-    context: str | None = None,
+    contexts: Sequence[str | None] | None = None,
     lora: LoRA | None = None,
     batch_size: int = 16,
 ) -> list[float]:
     """Per question, the best over its gold answers of the mean log-probability per token (nats) that the
     model gives the answer when it is forced as the reply: the answer's tokens and the end-of-turn token,
-    after the student prompt (with ``context`` before the question when given, as in-context answering
-    sees it), with ``lora`` (one row, shared) when given.
+    after the student prompt (with the question's context before it when ``contexts`` gives one, as
+    in-context answering sees it), with ``lora`` when given (one row shared by every question, or a row
+    per question).
 
     A finer signal than F1 for a small model whose free replies are verbose: it rises when the adapter
     makes the gold answer more likely even if the greedy reply does not change.
-    Raises ValueError when ``prompts`` and ``answers`` differ in length or a question has no answer.
+    Raises ValueError when ``prompts``, ``answers`` and ``contexts`` differ in length or a question has no
+    answer.
     """
-    if len(prompts) != len(answers):
-        raise ValueError(f"{len(prompts)} prompts but {len(answers)} answer lists")
+    contexts = [None] * len(prompts) if contexts is None else list(contexts)
+    if not len(prompts) == len(answers) == len(contexts):
+        raise ValueError(f"{len(prompts)} prompts, {len(answers)} answer lists and {len(contexts)} contexts")
     tokenizer = base._require_tokenizer()
     rows = []  # (question index, ids, label start, label end)
-    for i, (prompt, golds) in enumerate(zip(prompts, answers)):
+    for i, (prompt, golds, context) in enumerate(zip(prompts, answers, contexts)):
         for gold in _as_answers(golds):
             ids, start, end = sequence_with_labels(tokenizer, student_messages(prompt, gold, context), base.stop_token_ids)
             base.check_length(len(ids), f"question {i} with its gold answer")
@@ -148,7 +157,8 @@ def gold_log_likelihoods(
             tokens[r, : len(ids)], mask[r, : len(ids)] = ids, 1
             positions[r, : end - start] = np.arange(start, end) - 1
             labels[r, : end - start], label_mask[r, : end - start] = ids[start:end], 1
-        means = np.asarray(_mean_label_log_probs(base.config, base.params, tokens, mask, positions, labels, label_mask, lora))
+        rows_lora = None if lora is None else _lora_rows(lora, [i for i, *_ in batch], height)
+        means = np.asarray(_mean_label_log_probs(base.config, base.params, tokens, mask, positions, labels, label_mask, rows_lora))
         for r, (i, _, _, _) in enumerate(batch):
             best[i] = max(best[i], float(means[r]))
     return best.tolist()

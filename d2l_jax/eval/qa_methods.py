@@ -29,6 +29,7 @@ import time
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -198,42 +199,46 @@ def method_updates(
     return {name: builders[name]() for name in methods}
 
 
-def _condition_groups(conditions: Sequence[Condition]) -> list[list[int]]:
-    groups: dict[tuple[int, int], list[int]] = {}
-    for i, (lora, context) in enumerate(conditions):
-        groups.setdefault((id(lora), id(context)), []).append(i)
-    return list(groups.values())
+def _stacked(loras: Sequence[LoRA]) -> LoRA:
+    """One-row adapters stacked into one adapter with a row per question."""
+    return LoRA(
+        A={m: jnp.concatenate([lora.A[m] for lora in loras]) for m in loras[0].A},
+        B={m: jnp.concatenate([lora.B[m] for lora in loras]) for m in loras[0].B},
+        alpha=loras[0].alpha,
+    )
 
 
-def answer_document(
-    base: BaseModel, document: QADocument, conditions: Sequence[Condition], max_new_tokens: int, batch_size: int = 16
+def answer_questions(
+    base: BaseModel,
+    questions: Sequence[str],
+    answers: Sequence[Sequence[str]],
+    conditions: Sequence[Condition],
+    max_new_tokens: int,
+    batch_size: int = 16,
 ) -> tuple[list[dict[str, Any]], float]:
-    """Every question of ``document`` answered greedily under its condition and scored; returns the
-    per-question rows and the answering seconds per question."""
-    replies: list[str] = [""] * len(conditions)
-    likelihoods: list[float] = [0.0] * len(conditions)
+    """Every question answered greedily under its own condition (so questions of several documents, and
+    adapters of several documents, share one batch) and scored against its gold answers; returns one row
+    per question (``reply``, ``f1``, ``precision``, ``recall``, ``em``, ``gold_log_likelihood``) and the
+    answering seconds per question (generation only)."""
+    rows: list[dict[str, Any]] = [{} for _ in questions]
     seconds = 0.0
-    for members in _condition_groups(conditions):
-        lora, context = conditions[members[0]]
+    adapted = [i for i, (lora, _) in enumerate(conditions) if lora is not None]
+    plain = [i for i, (lora, _) in enumerate(conditions) if lora is None]
+    for members in (adapted, plain):
         for first in range(0, len(members), batch_size):
             batch = members[first : first + batch_size]
-            messages = [student_messages(document.questions[i], context=context) for i in batch]
+            lora = _stacked([conditions[i][0] for i in batch]) if members is adapted else None
             start = time.perf_counter()
-            out = base.generate(messages, max_new_tokens=max_new_tokens, lora=lora)
+            replies = base.generate(
+                [student_messages(questions[i], context=conditions[i][1]) for i in batch], max_new_tokens=max_new_tokens, lora=lora
+            )
             seconds += time.perf_counter() - start
-            for i, reply in zip(batch, out):
-                replies[i] = reply
-        scores = gold_log_likelihoods(
-            base, [document.questions[i] for i in members], [document.answers[i] for i in members], context, lora
-        )
-        for i, score in zip(members, scores):
-            likelihoods[i] = score
-    rows = []
-    for i, reply in enumerate(replies):
-        row = {"id": document.ids[i], "prompt": document.questions[i], "answers": list(document.answers[i]), "reply": reply}
-        row.update(score_reply(reply, document.answers[i]), gold_log_likelihood=likelihoods[i])
-        rows.append(row)
-    return rows, seconds / len(replies)
+            likelihoods = gold_log_likelihoods(
+                base, [questions[i] for i in batch], [answers[i] for i in batch], [conditions[i][1] for i in batch], lora
+            )
+            for i, reply, likelihood in zip(batch, replies, likelihoods):
+                rows[i] = {"reply": reply, **score_reply(reply, answers[i]), "gold_log_likelihood": likelihood}
+    return rows, seconds / max(len(questions), 1)
 
 
 def variant_name(method: str, cd_steps: int | None = None) -> str:
@@ -244,32 +249,63 @@ def variant_name(method: str, cd_steps: int | None = None) -> str:
     return f"{method}@{'reference' if cd_steps is None else cd_steps}"
 
 
-def evaluate_document(
-    base: BaseModel, variant: str, update: Update, document: QADocument, max_new_tokens: int, batch_size: int = 16
-) -> dict[str, Any]:
-    """One method (``variant``: :func:`variant_name`) on one document: its update (timed, with the
-    process's peak memory) and its answers."""
-    with PeakMemory() as memory:
-        start = time.perf_counter()
-        conditions, details = update(document)
-        update_seconds = time.perf_counter() - start
-    rows, answer_seconds = answer_document(base, document, conditions, max_new_tokens, batch_size)
-    return {
-        "method": variant.split("@")[0],
-        "variant": variant,
-        "document": document.index,
-        "group": document.group,
-        "update_seconds": update_seconds,
-        "answer_seconds_per_question": answer_seconds,
-        "peak_memory_gb": memory.peak_gb,
-        "questions": rows,
-        "details": details,
-    }
+def evaluate_documents(
+    base: BaseModel, variant: str, update: Update, documents: Sequence[QADocument], max_new_tokens: int, batch_size: int = 16
+) -> list[dict[str, Any]]:
+    """One method (``variant``: :func:`variant_name`) on some documents: each document's update, timed
+    with the process's peak memory during it, then all their questions answered together
+    (:func:`answer_questions`). One record per document."""
+    updates = []
+    for document in documents:
+        with PeakMemory() as memory:
+            start = time.perf_counter()
+            conditions, details = update(document)
+            updates.append((conditions, details, time.perf_counter() - start, memory))
+    flat = [(d, i) for d in documents for i in range(len(d.questions))]
+    rows, answer_seconds = answer_questions(
+        base,
+        [d.questions[i] for d, i in flat],
+        [d.answers[i] for d, i in flat],
+        [c for conditions, *_ in updates for c in conditions],
+        max_new_tokens,
+        batch_size,
+    )
+    records, first = [], 0
+    for document, (conditions, details, seconds, memory) in zip(documents, updates):
+        mine = rows[first : first + len(conditions)]
+        first += len(conditions)
+        questions = [
+            {"id": document.ids[i], "prompt": document.questions[i], "answers": list(document.answers[i]), **row}
+            for i, row in enumerate(mine)
+        ]
+        records.append({
+            "method": variant.split("@")[0],
+            "variant": variant,
+            "document": document.index,
+            "group": document.group,
+            "update_seconds": seconds,
+            "answer_seconds_per_question": answer_seconds,
+            "peak_memory_gb": memory.peak_gb,
+            "questions": questions,
+            "details": details,
+        })
+    return records
 
 
 def result_key(record: Mapping[str, Any]) -> tuple:
     """A finished cell of the QA comparison: (variant, document index)."""
     return record["variant"], record["document"]
+
+
+def _blocks(documents: Sequence[QADocument], questions: int) -> list[list[QADocument]]:
+    """Consecutive documents grouped until a group holds at least ``questions`` questions (one answer batch)."""
+    blocks, block = [], []
+    for document in documents:
+        block.append(document)
+        if sum(len(d.questions) for d in block) >= questions:
+            blocks.append(block)
+            block = []
+    return blocks + ([block] if block else [])
 
 
 def run_comparison(
@@ -298,8 +334,11 @@ def run_comparison(
         variant = variant_name(method, cd_steps)
         chosen = documents[:cd_documents] if method in CD_METHODS else documents
         todo = [d for d in chosen if (variant, d.index) not in results.done]
-        for document in tqdm(todo, desc=variant, disable=not progress or not todo):
-            results.add(evaluate_document(base, variant, updates[method], document, max_new_tokens, batch_size))
+        with tqdm(total=len(todo), desc=variant, unit="document", disable=not progress or not todo) as bar:
+            for block in _blocks(todo, batch_size):
+                for record in evaluate_documents(base, variant, updates[method], block, max_new_tokens, batch_size):
+                    results.add(record)
+                bar.update(len(block))
     return results.data["records"]
 
 
@@ -440,9 +479,8 @@ class QAEvaluator:
         self.documents = plan_documents(QASource(path, format, split, template="none").records, questions, seed)
 
     def _scores(self, method: str, update: Update) -> dict[str, float]:
-        rows = []
-        for document in self.documents:
-            rows += evaluate_document(self.base, method, update, document, self.max_new_tokens)["questions"]
+        records = evaluate_documents(self.base, method, update, self.documents, self.max_new_tokens)
+        rows = [row for record in records for row in record["questions"]]
         return {metric: float(np.mean([r[metric] for r in rows])) for metric in ("f1", "gold_log_likelihood")}
 
     def _run(self, d2l: D2L | None, methods: Sequence[str]) -> dict[str, Any]:

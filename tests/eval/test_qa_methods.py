@@ -11,6 +11,7 @@ from d2l_jax.data.examples import sequence_with_labels, student_messages
 from d2l_jax.eval import plots, qa_methods
 from d2l_jax.eval.qa import gold_log_likelihoods
 from d2l_jax.eval.qa_methods import METHODS, QAEvaluator, markdown_table, plan_documents, run_comparison, summarize
+from d2l_jax.models.lora import LoRA
 
 PARAGRAPHS = [
     ("Lisbon", "The vault of the old bank in Lisbon opens with the code 4817. Only the manager knows it.", [("What opens the vault?", ["the code 4817", "4817"])]),
@@ -50,7 +51,7 @@ def test_gold_log_likelihood_matches_the_full_log_softmax(tiny_d2l):
     [adapter] = tiny_d2l.adapters([PARAGRAPHS[0][1]])
     prompts, answers = ["What opens the vault?", "Which river?"], [["the code 4817", "4817"], ["Tagus"]]
     for context, lora in ((None, None), (PARAGRAPHS[1][1], None), (None, adapter.lora)):
-        got = gold_log_likelihoods(base, prompts, answers, context=context, lora=lora)
+        got = gold_log_likelihoods(base, prompts, answers, contexts=[context] * 2, lora=lora)
         for value, prompt, golds in zip(got, prompts, answers):
             best = -np.inf
             for gold in golds:
@@ -59,6 +60,12 @@ def test_gold_log_likelihood_matches_the_full_log_softmax(tiny_d2l):
                 best = max(best, float(np.mean([log_probs[p - 1, ids[p]] for p in range(start, end)])))
             assert value == pytest.approx(best, abs=1e-4)
     assert gold_log_likelihoods(base, prompts, answers, lora=adapter.lora) != gold_log_likelihoods(base, prompts, answers)
+    # A row per question: each question scored with its own adapter, as when scored alone.
+    [other] = tiny_d2l.adapters([PARAGRAPHS[2][1]])
+    both = LoRA(A={m: np.concatenate([adapter.lora.A[m], other.lora.A[m]]) for m in adapter.lora.A},
+                B={m: np.concatenate([adapter.lora.B[m], other.lora.B[m]]) for m in adapter.lora.B}, alpha=adapter.lora.alpha)
+    alone = [gold_log_likelihoods(base, [p], [a], lora=l)[0] for p, a, l in zip(prompts, answers, (adapter.lora, other.lora))]
+    assert gold_log_likelihoods(base, prompts, answers, lora=both) == pytest.approx(alone, abs=1e-5)
 
 
 @pytest.fixture()
@@ -95,6 +102,12 @@ def test_comparison_writes_every_method_and_resumes_without_recomputing(tiny_d2l
     by_cell = {(r["method"], r["document"]): r for r in records}
     assert by_cell[("cd_generated", 0)]["details"]["steps"] == 2 and by_cell[("cd_generated", 0)]["variant"] == "cd_generated@2"
     assert len(by_cell[("cd_oracle", 0)]["details"]["per_question"]) == len(documents[0].questions)
+    # Answered in one batch with other documents' questions and adapters, as each document alone.
+    [adapter] = tiny_d2l.adapters([documents[0].context])
+    for method, kwargs in (("d2l", {"lora": adapter.lora}), ("in_context", {})):
+        context = documents[0].context if method == "in_context" else None
+        alone = tiny_d2l.base.generate([student_messages(q, context=context) for q in documents[0].questions], max_new_tokens=4, **kwargs)
+        assert [q["reply"] for q in by_cell[(method, 0)]["questions"]] == alone
     # The control's adapter comes from another document: its gold likelihoods differ from D2L's.
     assert [q["gold_log_likelihood"] for q in by_cell[("d2l", 0)]["questions"]] != [
         q["gold_log_likelihood"] for q in by_cell[("d2l_control", 0)]["questions"]
@@ -102,7 +115,7 @@ def test_comparison_writes_every_method_and_resumes_without_recomputing(tiny_d2l
 
     on_disk = json.loads((tmp_path / "results.json").read_text())
     assert on_disk["records"] == records
-    monkeypatch.setattr(qa_methods, "evaluate_document", lambda *a, **k: pytest.fail("a finished cell was recomputed"))
+    monkeypatch.setattr(qa_methods, "evaluate_documents", lambda *a, **k: pytest.fail("a finished cell was recomputed"))
     assert run() == records
     with pytest.raises(ValueError, match="another run"):
         run_comparison(tiny_d2l.base, tiny_d2l, documents, METHODS, tmp_path, settings={}, identity={"seed": 1}, progress=False)

@@ -3,7 +3,7 @@ control, in-context answering, no document, and context distillation (CD) with g
 questions; the resumable run over documents, its summary with 95% intervals, and the QA evaluator a
 training run calls.
 
-A method turns one document into a *condition* per question: the LoRA the base model answers with (or
+A method turns one document into a *condition* per question: the adapter the base model answers with (or
 None) and the document in the prompt (or None). The method's update (internalization, distillation) is
 timed and its peak memory measured; then every question is answered greedily under its condition and
 scored (token F1, precision, recall and exact match against every gold answer; the teacher-forced mean
@@ -29,11 +29,10 @@ import time
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from d2l_jax.api import D2L
+from d2l_jax.api import D2L, Adapter, stack_adapters
 from d2l_jax.baselines.context_distillation import PeakMemory, distill_document, distill_oracle
 from d2l_jax.data.examples import student_messages
 from d2l_jax.data.qa_sets import QASource, closed_qa_prompt
@@ -42,7 +41,6 @@ from d2l_jax.eval.qa import gold_log_likelihoods, score_reply
 from d2l_jax.eval.results_store import ResultsFile
 from d2l_jax.eval.statistics import gap_ratio, mean_and_interval, paired_bootstrap_interval
 from d2l_jax.models.base_model import BaseModel
-from d2l_jax.models.lora import LoRA
 
 METHODS = ("no_document", "in_context", "d2l", "d2l_control", "cd_generated", "cd_oracle")
 D2L_METHODS = ("d2l", "d2l_control")
@@ -50,8 +48,8 @@ CD_METHODS = ("cd_generated", "cd_oracle")
 METRICS = ("f1", "recall", "em", "gold_log_likelihood")
 CD_QUESTION_ROUNDS = 4  # the reference's CD writes questions in 4 rounds for SQuAD, DROP and ROPES
 
-# (LoRA or None, document in the prompt or None) under which one question is answered.
-Condition = tuple[LoRA | None, str | None]
+# (adapter or None, document in the prompt or None) under which one question is answered.
+Condition = tuple[Adapter | None, str | None]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,9 +134,8 @@ Update = Callable[[QADocument], tuple[list[Condition], dict[str, Any]]]
 
 def _adapter_update(d2l: D2L, control: bool) -> Update:
     def update(document: QADocument):
-        [adapter] = d2l.adapters([document.control if control else document.context])
-        lora = jax.block_until_ready(adapter.lora)
-        return [(lora, None)] * len(document.questions), {"chunks": adapter.num_chunks, "document_tokens": adapter.num_tokens}
+        [adapter] = jax.block_until_ready(d2l.adapters([document.control if control else document.context]))
+        return [(adapter, None)] * len(document.questions), {"chunks": adapter.num_chunks, "document_tokens": adapter.num_tokens}
 
     return update
 
@@ -155,7 +152,7 @@ def _cd_generated_update(base: BaseModel, rounds: int, cd_steps: int | None, max
             base, document.context, [q for q, _ in pairs], steps=cd_steps, max_response_tokens=max_response_tokens, progress=False
         )
         details.update(result.summary(), teacher_replies=result.responses)
-        return [(result.adapter.lora, None)] * len(document.questions), details
+        return [(result.adapter, None)] * len(document.questions), details
 
     return update
 
@@ -165,7 +162,7 @@ def _cd_oracle_update(base: BaseModel, cd_steps: int | None, max_response_tokens
         conditions, summaries = [], []
         for question in document.questions:
             result = distill_oracle(base, document.context, question, steps=cd_steps, max_response_tokens=max_response_tokens, progress=False)
-            conditions.append((result.adapter.lora, None))
+            conditions.append((result.adapter, None))
             summaries.append(result.summary())
         return conditions, {"per_question": summaries}
 
@@ -199,15 +196,6 @@ def method_updates(
     return {name: builders[name]() for name in methods}
 
 
-def _stacked(loras: Sequence[LoRA]) -> LoRA:
-    """One-row adapters stacked into one adapter with a row per question."""
-    return LoRA(
-        A={m: jnp.concatenate([lora.A[m] for lora in loras]) for m in loras[0].A},
-        B={m: jnp.concatenate([lora.B[m] for lora in loras]) for m in loras[0].B},
-        alpha=loras[0].alpha,
-    )
-
-
 def answer_questions(
     base: BaseModel,
     questions: Sequence[str],
@@ -222,12 +210,12 @@ def answer_questions(
     answering seconds per question (generation only)."""
     rows: list[dict[str, Any]] = [{} for _ in questions]
     seconds = 0.0
-    adapted = [i for i, (lora, _) in enumerate(conditions) if lora is not None]
-    plain = [i for i, (lora, _) in enumerate(conditions) if lora is None]
+    adapted = [i for i, (adapter, _) in enumerate(conditions) if adapter is not None]
+    plain = [i for i, (adapter, _) in enumerate(conditions) if adapter is None]
     for members in (adapted, plain):
         for first in range(0, len(members), batch_size):
             batch = members[first : first + batch_size]
-            lora = _stacked([conditions[i][0] for i in batch]) if members is adapted else None
+            lora = stack_adapters([conditions[i][0] for i in batch]) if members is adapted else None
             start = time.perf_counter()
             replies = base.generate(
                 [student_messages(questions[i], context=conditions[i][1]) for i in batch], max_new_tokens=max_new_tokens, lora=lora

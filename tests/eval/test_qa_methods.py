@@ -7,14 +7,15 @@ import jax
 import numpy as np
 import pytest
 
+from d2l_jax.api import stack_adapters
 from d2l_jax.data.examples import sequence_with_labels, student_messages
 from d2l_jax.eval import plots, qa_methods
 from d2l_jax.eval.qa import gold_log_likelihoods
 from d2l_jax.eval.qa_methods import METHODS, QAEvaluator, markdown_table, plan_documents, run_comparison, summarize
-from d2l_jax.models.lora import LoRA
 
 PARAGRAPHS = [
-    ("Lisbon", "The vault of the old bank in Lisbon opens with the code 4817. Only the manager knows it.", [("What opens the vault?", ["the code 4817", "4817"])]),
+    # Long enough for two chunks of the tiny D2L: its adapter has a higher rank than the others'.
+    ("Lisbon", "The vault of the old bank in Lisbon opens with the code 4817. Only the manager knows it. " * 4, [("What opens the vault?", ["the code 4817", "4817"])]),
     ("Lisbon", "Lisbon lies on the Tagus river. Its trams are yellow and climb steep hills.", [("Which river?", ["Tagus"]), ("What colour are the trams?", ["yellow"])]),
     ("Moon", "The Moon orbits the Earth every 27 days and has no air.", [("How long is an orbit?", ["27 days"])]),
     ("Moon", "Astronauts first walked on the Moon in 1969, during the Apollo 11 mission.", [("When did astronauts walk on the Moon?", ["1969"])]),
@@ -62,8 +63,7 @@ def test_gold_log_likelihood_matches_the_full_log_softmax(tiny_d2l):
     assert gold_log_likelihoods(base, prompts, answers, lora=adapter.lora) != gold_log_likelihoods(base, prompts, answers)
     # A row per question: each question scored with its own adapter, as when scored alone.
     [other] = tiny_d2l.adapters([PARAGRAPHS[2][1]])
-    both = LoRA(A={m: np.concatenate([adapter.lora.A[m], other.lora.A[m]]) for m in adapter.lora.A},
-                B={m: np.concatenate([adapter.lora.B[m], other.lora.B[m]]) for m in adapter.lora.B}, alpha=adapter.lora.alpha)
+    both = stack_adapters([adapter, other])  # zero-pads the lower rank
     alone = [gold_log_likelihoods(base, [p], [a], lora=l)[0] for p, a, l in zip(prompts, answers, (adapter.lora, other.lora))]
     assert gold_log_likelihoods(base, prompts, answers, lora=both) == pytest.approx(alone, abs=1e-5)
 
@@ -102,7 +102,9 @@ def test_comparison_writes_every_method_and_resumes_without_recomputing(tiny_d2l
     by_cell = {(r["method"], r["document"]): r for r in records}
     assert by_cell[("cd_generated", 0)]["details"]["steps"] == 2 and by_cell[("cd_generated", 0)]["variant"] == "cd_generated@2"
     assert len(by_cell[("cd_oracle", 0)]["details"]["per_question"]) == len(documents[0].questions)
-    # Answered in one batch with other documents' questions and adapters, as each document alone.
+    # Answered in one batch with other documents' questions and adapters (of other ranks), as each document alone.
+    ranks = {tiny_d2l.adapters([d.context])[0].lora.A["down_proj"].shape[2] for d in documents}
+    assert len(ranks) > 1
     [adapter] = tiny_d2l.adapters([documents[0].context])
     for method, kwargs in (("d2l", {"lora": adapter.lora}), ("in_context", {})):
         context = documents[0].context if method == "in_context" else None

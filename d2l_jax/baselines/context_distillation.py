@@ -33,7 +33,7 @@ import os
 import resource
 import threading
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -45,10 +45,11 @@ from d2l_jax.api import Adapter
 from d2l_jax.data.chunking import document_affixes, tokenize_document
 from d2l_jax.data.examples import sequence_with_labels, student_messages
 from d2l_jax.models.base_model import BaseModel
+from d2l_jax.models.decoder import label_logits
 from d2l_jax.models.families import DecoderConfig
 from d2l_jax.models.generate import bucket_length
 from d2l_jax.models.lora import LoRA, TARGET_MODULES
-from d2l_jax.train.distillation import DistillationLoss, label_logits, teacher_targets
+from d2l_jax.train.distillation import DistillationLoss, teacher_targets
 from d2l_jax.train.optimizer import adamw, cosine_schedule
 
 # The reference's CD budget: 300 epochs over the document's questions, minibatches of 16, AdamW at 1e-4

@@ -51,7 +51,6 @@ from pathlib import Path
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -61,9 +60,8 @@ from tqdm.auto import tqdm
 from d2l_jax.data.examples import sequence_with_labels, student_messages
 from d2l_jax.models import generate as gen
 from d2l_jax.models.base_model import BaseModel
-from d2l_jax.models.decoder import Decoder
+from d2l_jax.models.decoder import label_logits
 from d2l_jax.models.families import DecoderConfig
-from d2l_jax.models.layers import positions_from_mask
 
 # The reference's question-generation prompts (src/ctx_to_lora/data/q_generation_template.py).
 Q_GEN_SYSTEM_MESSAGE = (
@@ -264,12 +262,7 @@ def _fitting_prompt(base: BaseModel, messages: Messages, max_new_tokens: int, wh
     """The templated ids of ``messages``; ValueError naming ``what`` when they and ``max_new_tokens`` do not
     fit the model's window."""
     ids = base.chat_ids(messages)
-    window = base.config.max_position_embeddings
-    if len(ids) + max_new_tokens > window:
-        raise ValueError(
-            f"{what}: the prompt has {len(ids)} tokens, which with max_new_tokens={max_new_tokens} exceeds the "
-            f"model's {window}-token window; shorten the document or lower max_new_tokens"
-        )
+    base.check_length(len(ids) + max_new_tokens, f"{what}: the prompt ({len(ids)} tokens) with max_new_tokens={max_new_tokens}")
     return ids
 
 
@@ -362,8 +355,7 @@ def _label_top_k(
     config: DecoderConfig, params, tokens: Int[Array, "B T"], mask: Int[Array, "B T"], positions: Int[Array, "B P"], k: int
 ) -> tuple[Float[Array, "B P K"], Int[Array, "B P K"]]:
     """Top-``k`` log-probabilities and token ids of the next token at ``positions`` of right-padded rows."""
-    logits = Decoder(config).apply({"params": params}, tokens, positions_from_mask(mask), mask, logit_positions=positions).logits
-    return jax.lax.top_k(jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1), k)
+    return jax.lax.top_k(jax.nn.log_softmax(label_logits(config, params, tokens, mask, positions), axis=-1), k)
 
 
 def label_top_k(base: BaseModel, sequences: Sequence[tuple[list[int], int, int]], top_k: int) -> list[tuple[np.ndarray, np.ndarray]]:

@@ -26,10 +26,10 @@ import numpy as np
 
 from d2l_jax.data.examples import sequence_with_labels, student_messages
 from d2l_jax.models.base_model import BaseModel
+from d2l_jax.models.decoder import label_logits
 from d2l_jax.models.families import DecoderConfig
 from d2l_jax.models.generate import bucket_length
 from d2l_jax.models.lora import LoRA
-from d2l_jax.train.distillation import label_logits
 
 _HIDDEN = re.compile("[\u00ad\u180e\u200b-\u200f\u202a-\u202e\u2060\u2066-\u2069\ufeff]")
 _TYPOGRAPHY = [

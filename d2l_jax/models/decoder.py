@@ -373,3 +373,25 @@ def late_lora_logits(
     x, _ = jax.lax.scan(lambda x, inp: (run(x, *inp), None), x, adapted, unroll=config.scan_unroll)
     final_norm = lambda h: RMSNorm(config.rms_norm_eps, config.norm_weight_offset).apply({"params": params["final_norm"]}, h)
     return project_logits(config, final_norm, params["embedding"], params.get("lm_head"), x, logit_positions)
+
+
+def label_logits(
+    config: DecoderConfig,
+    params,
+    tokens: Int[Array, "B T"],
+    mask: Int[Array, "B T"],
+    label_positions: Int[Array, "B P"],
+    lora: LoRA | None = None,
+    first_adapted_layer: int = 0,
+) -> Float[Array, "B P V"]:
+    """``Decoder(config)``'s float32 logits ``[B, P, V]`` at ``label_positions`` only (with ``lora`` if given).
+
+    ``tokens``/``mask`` are right-padded rows. A ``lora`` that is zero below ``first_adapted_layer`` lets
+    the layers below run outside the gradient (the result is the same as with ``first_adapted_layer=0``).
+    """
+    if lora is not None and first_adapted_layer:
+        return late_lora_logits(config, params, tokens, mask, label_positions, lora, first_adapted_layer)
+    out = Decoder(config).apply(
+        {"params": params}, tokens, positions_from_mask(mask), mask, lora=lora, logit_positions=label_positions
+    )
+    return out.logits

@@ -1,6 +1,7 @@
 """The distillation core shared by D2L meta-training (``train.step``) and per-document context distillation
-(``baselines.context_distillation``): the student's logits at the label positions, the frozen teacher's
-targets, and the loss between them as one strategy object handed to both trainers.
+(``baselines.context_distillation``): the frozen teacher's targets, and the loss between them and the
+student's logits at the label positions (``models.decoder.label_logits``) as one strategy object handed to
+both trainers.
 
 Targets travel as a dict whose names are those of the train-step batch, so a batch carrying offline
 targets or labels is itself a valid ``targets`` argument:
@@ -18,33 +19,10 @@ from typing import Mapping
 import jax
 from jaxtyping import Array, Float, Int
 
-from d2l_jax.models.decoder import Decoder, late_lora_logits
+from d2l_jax.models.decoder import label_logits
 from d2l_jax.models.families import DecoderConfig
-from d2l_jax.models.layers import positions_from_mask
 from d2l_jax.models.lora import LoRA
 from d2l_jax.train import losses
-
-
-def label_logits(
-    base: DecoderConfig,
-    base_params,
-    tokens: Int[Array, "B T"],
-    mask: Int[Array, "B T"],
-    label_positions: Int[Array, "B P"],
-    lora: LoRA | None = None,
-    first_adapted_layer: int = 0,
-) -> Float[Array, "B P V"]:
-    """The base model's float32 logits ``[B, P, V]`` at ``label_positions`` only (with ``lora`` if given).
-
-    ``tokens``/``mask`` are right-padded rows. A ``lora`` that is zero below ``first_adapted_layer`` lets
-    the layers below run outside the gradient (the result is the same as with ``first_adapted_layer=0``).
-    """
-    if lora is not None and first_adapted_layer:
-        return late_lora_logits(base, base_params, tokens, mask, label_positions, lora, first_adapted_layer)
-    out = Decoder(base).apply(
-        {"params": base_params}, tokens, positions_from_mask(mask), mask, lora=lora, logit_positions=label_positions
-    )
-    return out.logits
 
 
 @dataclasses.dataclass(frozen=True)

@@ -28,11 +28,11 @@ from flax import struct
 from d2l_jax import sharding
 from d2l_jax.hypernet.config import HypernetConfig, HypernetExecution
 from d2l_jax.hypernet.hypernet import batch_centered_document_adapters, document_adapters, init_hypernet, join_stats, split_stats
-from d2l_jax.models.decoder import Decoder
+from d2l_jax.models.decoder import Decoder, label_logits
 from d2l_jax.models.families import DecoderConfig
 from d2l_jax.train import losses
 from d2l_jax.train.config import TrainConfig
-from d2l_jax.train.distillation import label_logits, teacher_targets
+from d2l_jax.train.distillation import teacher_targets
 from d2l_jax.train.flops import train_step_flops
 from d2l_jax.train.optimizer import learning_rate_schedule, make_optimizer
 

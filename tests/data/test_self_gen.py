@@ -137,7 +137,7 @@ def test_rounds_see_the_earlier_pairs_and_repeats_are_removed(tiny_base, monkeyp
 
 
 def test_a_document_too_long_for_the_window_is_named(tiny_base):
-    with pytest.raises(ValueError, match=r"document 1 \('word word.*question round 1.*2048-token window"):
+    with pytest.raises(ValueError, match=r"document 1 \('word word.*question round 1.*the model's context is 2048 tokens"):
         self_gen.generate_questions(tiny_base, [DOCS[0], "word " * 3000], max_new_tokens=8)
     with pytest.raises(ValueError, match="document 0 must be a non-empty string"):
         self_gen.generate_questions(tiny_base, ["  "])

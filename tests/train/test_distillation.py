@@ -15,7 +15,8 @@ from d2l_jax.baselines import context_distillation as cd
 from d2l_jax.hypernet.hypernet import document_adapters, init_hypernet
 from d2l_jax.train import losses
 from d2l_jax.train.config import TrainConfig
-from d2l_jax.train.distillation import DistillationLoss, label_logits, teacher_targets
+from d2l_jax.models.decoder import label_logits
+from d2l_jax.train.distillation import DistillationLoss, teacher_targets
 from d2l_jax.train.optimizer import adamw, cosine_schedule
 from d2l_jax.train.step import micro_batch_loss
 from tests.train.conftest import BASE, HYPER, random_batch

@@ -13,7 +13,7 @@ from d2l_jax.hypernet.head import LoRAHead
 from d2l_jax.hypernet.hypernet import join_stats, layer_latents
 from d2l_jax.train import losses
 from d2l_jax.train.config import TrainConfig
-from d2l_jax.train.distillation import label_logits
+from d2l_jax.models.decoder import label_logits
 from d2l_jax.train.optimizer import learning_rate_schedule, weight_decay_mask
 from d2l_jax.train.step import HEAD_INPUT_MOMENTUM, Trainer, micro_batch_loss
 from tests.train.conftest import BASE, HYPER, random_batch

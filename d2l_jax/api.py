@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -9,13 +11,24 @@ import flax.linen as nn
 import jax
 import numpy as np
 
+from d2l_jax import pretrained
 from d2l_jax.data.chunking import chunk_document, document_affixes, tokenize_document
-from d2l_jax.hypernet.adapter import Adapter, batched_adapters, segmented_adapter, stack_adapters
+from d2l_jax.hypernet.adapter import (
+    Adapter,
+    batched_adapters,
+    segmented_adapter,
+    stack_adapters,
+)
 from d2l_jax.hypernet.config import HypernetConfig, HypernetExecution
 from d2l_jax.hypernet.hypernet import init_hypernet, param_count
 from d2l_jax.models.base_model import BaseExecution, BaseModel
 from d2l_jax.models.lora import LoRA
-from d2l_jax.train.checkpoint import Checkpointer, base_identity
+from d2l_jax.train.checkpoint import (
+    CheckpointCorruptError,
+    Checkpointer,
+    base_identity,
+    check_base,
+)
 from d2l_jax.train.config import RunConfig
 
 __all__ = ["D2L", "Adapter", "stack_adapters"]
@@ -77,6 +90,51 @@ class D2L:
         finally:
             checkpoints.close()
         return cls(base, run.hypernet, params, execution or run.execution)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | Path,
+        base: BaseModel | None = None,
+        execution: HypernetExecution | None = None,
+        base_execution: BaseExecution | None = None,
+    ) -> "D2L":
+        """A pretrained hypernetwork: a name shipped in the repository (``d2l_jax.pretrained.available()``,
+        e.g. ``"smollm2-135m-qa"``) or a directory written by :meth:`save_pretrained`, offline.
+
+        The base model is ``base`` or, by default, the one it was trained on, loaded as ``base_execution``
+        says (default: as it was saved). ``execution`` defaults to the saved one.
+
+        Raises ValueError listing the shipped names for an unknown name, CheckpointMismatchError when
+        ``base`` is not the model it was trained on, CheckpointCorruptError for unreadable or altered files.
+        """
+        directory = pretrained.resolve(name_or_path)
+        saved = pretrained.read_config(directory)
+        try:
+            hyper = HypernetConfig.from_dict(saved["hypernet"])[0]
+            execution = execution or HypernetExecution(**saved["execution"])
+            base_execution = base_execution or BaseExecution(**saved["base_execution"])
+            model, identity = saved["model"], saved["base_identity"]
+        except (KeyError, TypeError, ValueError) as error:
+            raise CheckpointCorruptError(f"{directory / pretrained.CONFIG_FILE}: bad or missing field ({error!r})") from error
+        base = base or base_execution.load(model)
+        check_base(identity, base_identity(model, base.config, base.params), directory)
+        abstract = jax.eval_shape(lambda: nn.unbox(init_hypernet(hyper, base.config, jax.random.key(0))))
+        return cls(base, hyper, pretrained.load_variables(directory, saved, abstract), execution)
+
+    def save_pretrained(self, directory: str | Path, description: str = "", base_execution: BaseExecution | None = None) -> Path:
+        """Writes this hypernetwork for :meth:`from_pretrained` (``d2l_jax.pretrained`` gives the layout):
+        float32 weights, the configs, the base model's name and identity, and ``description`` (what it was
+        trained on). ``base_execution`` is how ``from_pretrained`` loads the base by default."""
+        config = {
+            "model": self.base.name,
+            "base_identity": base_identity(self.base.name, self.base.config, self.base.params),
+            "hypernet": dataclasses.asdict(self.config),
+            "execution": dataclasses.asdict(self.execution),
+            "base_execution": dataclasses.asdict(base_execution or BaseExecution()),
+            "description": description,
+        }
+        return pretrained.save(directory, self.params, json.loads(json.dumps(config)))
 
     def param_count(self) -> int:
         return param_count(self.params)

@@ -11,6 +11,7 @@ import tempfile
 # tests drop it, so they compile as production does.
 os.environ["XLA_FLAGS"] = "--xla_backend_optimization_level=0"
 
+import flax.linen  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -49,6 +50,18 @@ def save_tiny_model(directory, config_cls=transformers.LlamaConfig, model_cls=No
     model = model.float().eval()
     model.save_pretrained(directory, safe_serialization=True)
     return model
+
+
+def random_base(config, like: d2l_jax.BaseModel, seed: int = 1, weight_scale: float = 1.0) -> d2l_jax.BaseModel:
+    """A randomly initialised base model of ``config`` (a DecoderConfig) with ``like``'s tokenizer and stop
+    tokens; ``weight_scale`` multiplies every matrix (larger than the default N(0, 0.02), next-token
+    distributions are peaked)."""
+    from d2l_jax.models.decoder import Decoder
+
+    tokens = jax.numpy.zeros((1, 1), jax.numpy.int32)
+    params = flax.linen.unbox(Decoder(config).init(jax.random.key(seed), tokens, tokens, tokens + 1))["params"]
+    params = jax.tree.map(lambda x: x * weight_scale if x.ndim >= 2 else x, params)
+    return d2l_jax.BaseModel("tiny", config, params, like.tokenizer, like.stop_token_ids)
 
 
 def randomized(d2l: d2l_jax.D2L, seed: int = 0) -> d2l_jax.D2L:

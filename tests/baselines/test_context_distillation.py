@@ -3,7 +3,6 @@ the configured layout, it acts only through its target modules, and the train st
 
 import logging
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,7 +13,7 @@ from d2l_jax.baselines import distill_document, distill_oracle
 from d2l_jax.baselines import context_distillation as cd
 from d2l_jax.data.examples import sequence_with_labels, student_messages
 from d2l_jax.models.base_model import BaseModel
-from d2l_jax.models.decoder import Decoder
+from tests.conftest import random_base
 from d2l_jax.models.families import DecoderConfig
 from d2l_jax.models.lora import LoRA, merged_kernel
 from d2l_jax.train.losses import top_k_targets
@@ -28,12 +27,8 @@ QA = [("What is the vault code?", "4817"), ("Where is the vault?", "In Lisbon, n
 
 @pytest.fixture(scope="module")
 def tiny_base(smollm2):
-    tokens = jnp.zeros((1, 1), jnp.int32)
-    params = nn.unbox(Decoder(TINY).init(jax.random.key(1), tokens, tokens, tokens + 1))["params"]
-    # Larger weights than the default N(0, 0.02) give peaked next-token distributions, so the teacher's
-    # top-16 carries real mass and the document changes it.
-    params = jax.tree.map(lambda x: x * 8 if x.ndim >= 2 else x, params)
-    return BaseModel("tiny", TINY, params, smollm2.tokenizer, smollm2.stop_token_ids)
+    # Peaked next-token distributions: the teacher's top-16 carries real mass and the document changes it.
+    return random_base(TINY, smollm2, seed=1, weight_scale=8)
 
 
 @pytest.fixture(scope="module")

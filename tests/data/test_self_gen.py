@@ -7,9 +7,7 @@ import dataclasses
 import json
 
 import datasets
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -19,8 +17,7 @@ from d2l_jax.data.examples import BatchShapes, TrainExampleBuilder, collate, seq
 from d2l_jax.data.pipeline import RecordSource
 from d2l_jax.data.self_gen import QAPair, Reply, parse_qa_pairs
 from d2l_jax.eval.qa_methods import QADocument, method_updates
-from d2l_jax.models.base_model import BaseModel
-from d2l_jax.models.decoder import Decoder
+from tests.conftest import random_base
 from d2l_jax.models.families import DecoderConfig
 
 TINY = DecoderConfig(
@@ -42,11 +39,7 @@ DOCS = [
 
 @pytest.fixture(scope="module")
 def tiny_base(smollm2):
-    tokens = jnp.zeros((1, 1), jnp.int32)
-    params = nn.unbox(Decoder(TINY).init(jax.random.key(3), tokens, tokens, tokens + 1))["params"]
-    # Larger weights than N(0, 0.02) give peaked distributions, so the top-k are well separated.
-    params = jax.tree.map(lambda x: x * 8 if x.ndim >= 2 else x, params)
-    return BaseModel("tiny", TINY, params, smollm2.tokenizer, smollm2.stop_token_ids)
+    return random_base(TINY, smollm2, seed=3, weight_scale=8)  # peaked: the top-k are well separated
 
 
 def encode(base, text):

@@ -12,12 +12,10 @@ import d2l_jax
 from d2l_jax.hypernet import hypernet as hn
 from d2l_jax.hypernet.encoder import context_features
 from d2l_jax.hypernet.head import LoRAHead, pad_to_base_layers
-from d2l_jax.models.base_model import BaseModel
-from d2l_jax.models.decoder import Decoder
 from d2l_jax.models.families import DecoderConfig
 from d2l_jax.models.generate import bucket_length
 from d2l_jax.models.lora import LoRA
-from tests.conftest import randomized
+from tests.conftest import random_base, randomized
 
 TINY_BASE = DecoderConfig(
     vocab_size=49152, hidden_size=64, intermediate_size=96, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=512
@@ -77,9 +75,7 @@ def test_gemma2_main_shapes_match_reference():
 
 @pytest.fixture(scope="module")
 def tiny_base(smollm2):
-    tokens = jnp.zeros((1, 1), jnp.int32)
-    params = nn.unbox(Decoder(TINY_BASE).init(jax.random.key(1), tokens, tokens, tokens + 1))["params"]
-    return BaseModel("tiny", TINY_BASE, params, smollm2.tokenizer, smollm2.stop_token_ids)
+    return random_base(TINY_BASE, smollm2, seed=1)
 
 
 @pytest.fixture(scope="module")

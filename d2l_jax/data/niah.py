@@ -15,6 +15,7 @@ Records are grouped by
 
 :func:`niah_record` builds one record; :class:`NIAHSource` serves them as a grain random-access data
 source and :func:`cell_records` draws the few records of one (length bin, depth bin) cell of a sweep.
+:func:`prose_needle_records` hides the same needle in real paragraphs instead of the noise.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from __future__ import annotations
 import functools
 import operator
 import re
-from typing import Any, SupportsIndex
+from typing import Any, Sequence, SupportsIndex
 
 import numpy as np
 
@@ -269,3 +270,36 @@ class NIAHSource:
             f"NIAHSource(split={self.split!r}, lo={self.lo}, hi={self.hi}, "
             f"num_blocks_range={self.num_blocks_range}, num_records={self._num_records}, seed={self.seed})"
         )
+
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"'(])")
+
+
+def prose_needle_records(paragraphs: Sequence[str], n: int, seed: int, split: str = "test") -> list[dict[str, Any]]:
+    """``n`` NIAH records whose haystack is real prose: each of ``n`` distinct paragraphs drawn from
+    ``paragraphs`` with :data:`NEEDLE` inserted at a sentence boundary drawn uniformly (before the first
+    sentence to after the last), a number drawn from ``split``'s, and :data:`NIAH_PROMPT` as the question.
+
+    Records carry ``context``, ``prompt``, ``response``, ``number``, ``needle_index`` (sentences before the
+    needle) and ``sentences``. Raises ValueError when there are fewer than ``n`` distinct non-empty paragraphs.
+    """
+    unique = list(dict.fromkeys(p.strip() for p in paragraphs if p.strip()))
+    if len(unique) < n:
+        raise ValueError(f"n={n} prose needles need {n} distinct paragraphs; {len(unique)} given")
+    rng = np.random.default_rng(seed)
+    numbers = split_numbers(split)
+    records = []
+    for index in rng.choice(len(unique), n, replace=False):
+        sentences = _SENTENCE_END.split(unique[index])
+        needle_index = int(rng.integers(len(sentences) + 1))
+        number = int(numbers[rng.integers(len(numbers))])
+        context = " ".join(sentences[:needle_index] + [NEEDLE.format(number=number)] + sentences[needle_index:])
+        records.append({
+            "context": context,
+            "prompt": NIAH_PROMPT,
+            "response": f"{number:04d}",
+            "number": number,
+            "needle_index": needle_index,
+            "sentences": len(sentences),
+        })
+    return records

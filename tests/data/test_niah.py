@@ -23,6 +23,7 @@ from d2l_jax.data.niah import (
     needle_index_range,
     niah_context,
     niah_record,
+    prose_needle_records,
     split_numbers,
 )
 
@@ -268,3 +269,33 @@ def test_source_pickles_without_the_tokenizer(tokenizer):
     assert [copy[i] for i in range(20)] == [source[i] for i in range(20)]
     assert len(pickle.dumps(source)) < 100_000
 
+
+
+
+SENTENCES = [
+    ["Paris is the capital of France.", "It lies on the Seine!", "Is it large?", "It has two million people."],
+    ["The Nile flows north.", "It ends in the Mediterranean Sea."],
+    ["Oxygen was isolated in 1774.", '"Dephlogisticated air," Priestley called it.'],
+]
+PROSE = [" ".join(sentences) for sentences in SENTENCES]
+
+
+def test_prose_needles_insert_one_needle_at_a_sentence_boundary():
+    records = prose_needle_records(PROSE + PROSE[:1], 3, seed=0)  # a repeated paragraph counts once
+    used = []
+    for record in records:
+        needle = NEEDLE.format(number=record["number"])
+        sentences = SENTENCES[PROSE.index(" ".join(record["context"].replace(needle, "").split()))]
+        i = record["needle_index"]
+        assert record["context"] == " ".join(sentences[:i] + [needle] + sentences[i:])
+        assert record["sentences"] == len(sentences) and 0 <= i <= len(sentences)
+        assert record["response"] == f"{record['number']:04d}" and record["number"] in set(split_numbers("test"))
+        assert record["prompt"] == NIAH_PROMPT
+        used.append(sentences)
+    assert sorted(map(len, used)) == [2, 2, 4]  # every paragraph once
+    assert prose_needle_records(PROSE, 3, seed=0) == prose_needle_records(PROSE, 3, seed=0)
+
+
+def test_prose_needles_need_enough_paragraphs():
+    with pytest.raises(ValueError, match="n=4 prose needles need 4 distinct paragraphs; 3 given"):
+        prose_needle_records(PROSE + PROSE, 4, seed=0)

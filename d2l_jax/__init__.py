@@ -1,6 +1,6 @@
 """Doc-to-LoRA in JAX/Flax."""
 
-from d2l_jax.api import D2L, Adapter
+from d2l_jax.api import D2L, Adapter, stack_adapters
 from d2l_jax.hypernet.config import HypernetConfig, HypernetExecution
 from d2l_jax.models.base_model import BaseExecution, BaseModel, load_base_model
 from d2l_jax.models.families import DecoderConfig
@@ -17,4 +17,5 @@ __all__ = [
     "LoRA",
     "load_base_model",
     "lora_alpha",
+    "stack_adapters",
 ]

@@ -93,3 +93,10 @@ def test_shipped_hypernetworks_load_and_write_the_document(name, smollm2):
     assert (pretrained.PRETRAINED_DIR / name / pretrained.WEIGHTS_FILE).stat().st_size <= 60e6
     adapter = d2l.internalize(DOCUMENT)
     assert np.isfinite(largest_b(adapter.lora)) and largest_b(adapter.lora) > 0
+
+
+def test_an_identity_written_before_an_architecture_field_existed_still_matches(d2l, saved, tiny_base):
+    config = json.loads((saved / pretrained.CONFIG_FILE).read_text())
+    del config["base_identity"]["architecture"]["mlp_activation"]  # a field with its default value
+    (saved / pretrained.CONFIG_FILE).write_text(json.dumps(config))
+    chex.assert_trees_all_equal(d2l_jax.D2L.from_pretrained(saved, base=tiny_base).params, d2l.params)

@@ -5,8 +5,11 @@ Parameter tree (Hugging Face names in parentheses; kernels are ``[d_in, d_out]``
     embedding                             [V, D]        (model.embed_tokens)
     layers/input_norm/scale               [L, D]        (input_layernorm)
     layers/attn/{q,k,v,o}_proj/kernel     [L, ., .]     (self_attn.*)
-    layers/pre_mlp_norm/scale             [L, D]        (post_attention_layernorm)
+    layers/attn/{q,k}_norm/scale          [L, Dh]       (self_attn.{q,k}_norm; only with use_qk_norm)
+    layers/post_attn_norm/scale           [L, D]        (Gemma-2 post_attention_layernorm; only with use_post_norms)
+    layers/pre_mlp_norm/scale             [L, D]        (post_attention_layernorm; Gemma-2 pre_feedforward_layernorm)
     layers/mlp/{gate,up,down}_proj/kernel [L, ., .]     (mlp.*)
+    layers/post_mlp_norm/scale            [L, D]        (Gemma-2 post_feedforward_layernorm; only with use_post_norms)
     final_norm/scale                      [D]           (model.norm)
     lm_head                               [D, V]        (lm_head; absent when embeddings are tied)
 
@@ -15,6 +18,7 @@ Layers run under ``nn.scan``; a LoRA (``d2l_jax.models.lora.LoRA``) and a KV cac
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -28,6 +32,8 @@ from d2l_jax.models.families import DecoderConfig
 from d2l_jax.models.layers import DEFAULT_KERNEL_INIT, Linear, RMSNorm, attend, compute_einsum, positions_from_mask
 from d2l_jax.models.lora import LoRA
 from d2l_jax.sharding import constrain
+
+MLP_ACTIVATION_FNS = {"silu": jax.nn.silu, "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True)}
 
 _REMAT_POLICIES = {
     "full": None,
@@ -136,6 +142,39 @@ def attention_mask(
     return same & (key_segments[:, None, :] > 0) & causal[None]
 
 
+LayerMasks = Bool[Array, "B T S"] | tuple[Bool[Array, "B T S"], Bool[Array, "B T S"]]
+
+
+def layer_masks(
+    config: DecoderConfig,
+    query_segments: Int[Array, "B T"],
+    key_segments: Int[Array, "B S"],
+    query_slots: Int[Array, "T"],
+    key_slots: Int[Array, "S"],
+) -> LayerMasks:
+    """The attention masks the layers need: one ``[B, T, S]`` mask when every layer attends alike, else
+    ``(global, sliding)`` for a model that mixes global and sliding-window layers (Gemma-2)."""
+    if config.sliding_layer_flags() is None:
+        return attention_mask(query_segments, key_segments, query_slots, key_slots, config.sliding_window)
+    return (
+        attention_mask(query_segments, key_segments, query_slots, key_slots),
+        attention_mask(query_segments, key_segments, query_slots, key_slots, config.sliding_window),
+    )
+
+
+def sliding_flags(config: DecoderConfig) -> Bool[Array, "L"] | None:
+    """Per layer, whether it takes the sliding mask of :func:`layer_masks`'s pair; None for a single mask."""
+    flags = config.sliding_layer_flags()
+    return None if flags is None else jnp.asarray(flags)
+
+
+def select_mask(masks: LayerMasks, is_sliding: Bool[Array, ""] | None) -> Bool[Array, "B T S"]:
+    """One layer's mask from :func:`layer_masks`' result and that layer's :func:`sliding_flags` entry."""
+    if is_sliding is None:
+        return masks
+    return jnp.where(is_sliding, masks[1], masks[0])
+
+
 def causal_blocks(length: int) -> int:
     """Query blocks for causal attention over ``length`` tokens: a block skips the keys after it."""
     for blocks in (16, 8, 4, 2):
@@ -191,22 +230,25 @@ class MLP(nn.Module):
         module_lora = (lambda name: lora.layer(name)) if lora is not None else (lambda name: None)
         gate = Linear(c.intermediate_size, ("embed", "mlp"), dtype, name="gate_proj")(x, module_lora("gate_proj"), alpha)
         up = Linear(c.intermediate_size, ("embed", "mlp"), dtype, name="up_proj")(x, module_lora("up_proj"), alpha)
-        h = jax.nn.silu(gate) * up
+        h = MLP_ACTIVATION_FNS[c.mlp_activation](gate) * up
         return Linear(c.hidden_size, ("mlp", "embed"), dtype, name="down_proj")(h, module_lora("down_proj"), alpha)
 
 
 class Block(nn.Module):
-    """One pre-norm decoder layer. Scanned: returns the next carry and (layer input if collected, new kv)."""
+    """One pre-norm decoder layer (with ``use_post_norms``, also post-norms on both branches). Scanned:
+    returns the next carry and (layer input if collected, new kv). ``mask`` and ``is_sliding`` are
+    :func:`layer_masks`' result and this layer's :func:`sliding_flags` entry."""
 
     config: DecoderConfig
     collect_inputs: bool = False
     causal_from_start: bool = True
 
     @nn.compact
-    def __call__(self, x, cos, sin, mask, cache_index, lora: LoRA | None, kv):
+    def __call__(self, x, cos, sin, mask, cache_index, lora: LoRA | None, kv, is_sliding=None):
         c = self.config
         norm = lambda name: RMSNorm(c.rms_norm_eps, c.norm_weight_offset, name=name)
         layer_input = x if self.collect_inputs else None
+        mask = select_mask(mask, is_sliding)
         h, kv = Attention(c, self.causal_from_start, name="attn")(norm("input_norm")(x), cos, sin, mask, cache_index, lora, kv)
         if c.use_post_norms:
             h = norm("post_attn_norm")(h)
@@ -260,14 +302,12 @@ class Decoder(nn.Module):
         t = tokens.shape[1]
         if cache is None:
             slots = jnp.arange(t)
-            mask = attention_mask(segment_ids, segment_ids, slots, slots, c.sliding_window)
+            mask = layer_masks(c, segment_ids, segment_ids, slots, slots)
             cache_index, kv = jnp.zeros((), jnp.int32), None
         else:
             valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, segment_ids > 0, cache.index, axis=1)
             query_slots = cache.index + jnp.arange(t)
-            mask = attention_mask(
-                jnp.ones_like(segment_ids), valid.astype(jnp.int32), query_slots, jnp.arange(valid.shape[1]), c.sliding_window
-            )
+            mask = layer_masks(c, jnp.ones_like(segment_ids), valid.astype(jnp.int32), query_slots, jnp.arange(valid.shape[1]))
             cache_index, kv = cache.index, (cache.k, cache.v)
 
         block = Block
@@ -277,12 +317,12 @@ class Decoder(nn.Module):
             block,
             variable_axes={"params": 0},
             split_rngs={"params": True},
-            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 1, 0),
+            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 1, 0, 0),
             length=c.num_layers,
             unroll=c.scan_unroll,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )(c, collect_inputs=return_hidden_states, causal_from_start=cache is None or cache.unwritten, name="layers")
-        x, (layer_inputs, kv) = layers(x, cos, sin, mask, cache_index, lora, kv)
+        x, (layer_inputs, kv) = layers(x, cos, sin, mask, cache_index, lora, kv, sliding_flags(c))
 
         final_norm = RMSNorm(c.rms_norm_eps, c.norm_weight_offset, name="final_norm")
         last_hidden_state = final_norm(x)  # dropped by XLA when unused
@@ -324,12 +364,14 @@ def _layer_runner(config: DecoderConfig, params: dict, segment_ids: Int[Array, "
     positions = positions_from_mask(segment_ids > 0)
     cos, sin = rope_tables(config, positions)
     slots = jnp.arange(segment_ids.shape[1])
-    mask = attention_mask(segment_ids, segment_ids, slots, slots, config.sliding_window)
+    masks = layer_masks(config, segment_ids, segment_ids, slots, slots)
+    flags = sliding_flags(config)
     block = Block(config)
 
     def run(x, index, lora_layer=None):
         layer_params = jax.tree.map(lambda p: jax.lax.dynamic_index_in_dim(p, index, keepdims=False), params["layers"])
-        y, _ = block.apply({"params": layer_params}, x, cos, sin, mask, jnp.zeros((), jnp.int32), lora_layer, None)
+        is_sliding = None if flags is None else flags[index]
+        y, _ = block.apply({"params": layer_params}, x, cos, sin, masks, jnp.zeros((), jnp.int32), lora_layer, None, is_sliding)
         return y
 
     if config.remat_policy != "none":

@@ -89,8 +89,12 @@ def base_identity(name: str, config: DecoderConfig, params) -> dict[str, Any]:
 
 
 def check_base(saved: dict[str, Any], current: dict[str, Any], directory) -> None:
-    """Raises CheckpointMismatchError unless ``current`` is the base model ``saved`` was trained on."""
-    if saved["architecture"] != _jsonable(current["architecture"]) or not math.isclose(
+    """Raises CheckpointMismatchError unless ``current`` is the base model ``saved`` was trained on.
+
+    Architecture fields added to ``DecoderConfig`` after ``saved`` was written count as their defaults."""
+    defaults = {f.name: f.default for f in dataclasses.fields(DecoderConfig) if f.default is not dataclasses.MISSING}
+    architecture = _jsonable({**{k: v for k, v in defaults.items() if k not in EXECUTION_FIELDS}, **saved["architecture"]})
+    if architecture != _jsonable(current["architecture"]) or not math.isclose(
         saved["fingerprint"], current["fingerprint"], rel_tol=1e-5
     ):
         raise CheckpointMismatchError(

@@ -34,7 +34,24 @@ LLAMA_TABLE: tuple[tuple[str, tuple[str, ...], bool], ...] = (
     ("model.layers.{i}.mlp.down_proj.weight", ("layers", "mlp", "down_proj", "kernel"), True),
 )
 
-TABLES = {"llama": LLAMA_TABLE, "mistral": LLAMA_TABLE}
+# Qwen3: Llama's names plus RMSNorms over each head's queries and keys.
+QWEN3_TABLE = LLAMA_TABLE + (
+    ("model.layers.{i}.self_attn.q_norm.weight", ("layers", "attn", "q_norm", "scale"), False),
+    ("model.layers.{i}.self_attn.k_norm.weight", ("layers", "attn", "k_norm", "scale"), False),
+)
+
+# Gemma-2: four norms per layer; its `post_attention_layernorm` normalises the attention branch's output
+# (Llama's of that name is the pre-MLP norm, which Gemma-2 calls `pre_feedforward_layernorm`).
+_GEMMA2_NORMS = {
+    "model.layers.{i}.post_attention_layernorm.weight": ("layers", "post_attn_norm", "scale"),
+    "model.layers.{i}.pre_feedforward_layernorm.weight": ("layers", "pre_mlp_norm", "scale"),
+    "model.layers.{i}.post_feedforward_layernorm.weight": ("layers", "post_mlp_norm", "scale"),
+}
+GEMMA2_TABLE = tuple(row for row in LLAMA_TABLE if row[0] not in _GEMMA2_NORMS) + tuple(
+    (name, path, False) for name, path in _GEMMA2_NORMS.items()
+)
+
+TABLES = {"llama": LLAMA_TABLE, "mistral": LLAMA_TABLE, "qwen3": QWEN3_TABLE, "gemma2": GEMMA2_TABLE}
 
 # Tensors some checkpoints carry that the model recomputes or does not use.
 _IGNORED = re.compile(r".*rotary_emb\.inv_freq$")

@@ -38,7 +38,7 @@ def main_experiment(model: str) -> ml_collections.ConfigDict:
     config.model = model
     # iterative: the Perceiver reads one base layer's features at a time (same outputs). Batched, it reads
     # all layers as one layer-major batch, which merges the layer axis with the chunk axis that is sharded
-    # over the batch mesh axes; XLA then holds every chunk's activations on every chip (see docs/scaling.md).
+    # over the batch mesh axes; XLA then holds every chunk's activations on every chip (see docs/tpu.md).
     config.hypernet = dataclasses.asdict(HypernetConfig(max_chunk_len=4096, max_chunks=1))
     config.execution = dict(dtype="bfloat16", iterative=True, chunk_group_size=1)
     config.train = dict(

@@ -48,6 +48,37 @@ def learning_curve(metrics_path: str | Path, png_path: str | Path, title: str = 
     fig.savefig(png_path, dpi=100)
 
 
+def qa_validation_curve(metrics_path: str | Path, png_path: str | Path, title: str = "") -> None:
+    """A QA run from its ``metrics.jsonl`` (the ``qa`` evaluator's metrics): training loss, then the
+    validation gold answer's log-likelihood and token F1 of the student (no document) and its control
+    (another document's adapter) against step, with the base model without and with the document as lines."""
+    rows = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
+    fig = Figure(figsize=(13, 3.8))
+    loss_axis, likelihood_axis, f1_axis = fig.subplots(1, 3)
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    if train:
+        steps, losses = np.array(train).T
+        window = max(1, len(losses) // 20)
+        loss_axis.plot(steps, losses, color="tab:blue", alpha=0.35)
+        smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
+        loss_axis.plot(steps[window - 1 :], smooth, color="tab:blue", label=f"mean of {window} logs")
+        loss_axis.legend(fontsize=8)
+    loss_axis.set(xlabel="step", ylabel="training loss", title=title)
+    for axis, metric, label in ((likelihood_axis, "gold_log_likelihood", "gold answer log-likelihood / token"), (f1_axis, "f1", "token F1")):
+        for method, style in (("d2l", dict(color="tab:red", marker="o")), ("d2l_control", dict(color="tab:orange", marker="x"))):
+            points = [(r["step"], r[f"eval/{method}_{metric}"]) for r in rows if f"eval/{method}_{metric}" in r]
+            if points:
+                axis.plot(*zip(*points), label="D2L" if method == "d2l" else "control (another document)", **style)
+        for method, style in (("no_document", dict(color="gray")), ("in_context", dict(color="tab:blue"))):
+            values = [r[f"eval/{method}_{metric}"] for r in rows if f"eval/{method}_{metric}" in r]
+            if values:
+                axis.axhline(values[0], linestyle="--", label=f"base, {method.replace('_', ' ')}", **style)
+        axis.set(xlabel="step", ylabel=label)
+        axis.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+
+
 _METHOD_STYLES = {
     "d2l": dict(color="tab:red", marker="o", label="D2L (adapter, no document)"),
     "cd": dict(color="tab:green", marker="D", label="context distillation (LoRA, no document)"),

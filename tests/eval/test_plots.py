@@ -62,6 +62,18 @@ def test_learning_curve(tmp_path):
     assert (tmp_path / "curve.png").read_bytes()[:8] == PNG
 
 
+def test_qa_validation_curve(tmp_path):
+    rows = [{"step": s, "loss": 2.0 + 1.0 / s} for s in range(10, 400, 10)]
+    rows += [{"step": 0, "eval/no_document_f1": 0.07, "eval/in_context_f1": 0.15, "eval/no_document_gold_log_likelihood": -4.9,
+              "eval/in_context_gold_log_likelihood": -2.6}]
+    rows += [{"step": s, "eval/d2l_f1": 0.05, "eval/d2l_control_f1": 0.05, "eval/d2l_gold_log_likelihood": -4.5,
+              "eval/d2l_control_gold_log_likelihood": -4.6} for s in (200, 400)]
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    plots.qa_validation_curve(metrics, tmp_path / "qa.png", title="tiny")
+    assert (tmp_path / "qa.png").read_bytes()[:8] == PNG
+
+
 def test_importing_and_drawing_leave_the_backend_alone(tmp_path):
     """A fresh process (this one may have chosen a backend already) with another backend asked for."""
     script = (

@@ -136,6 +136,33 @@ class D2L:
         }
         return pretrained.save(directory, self.params, json.loads(json.dumps(config)))
 
+    @classmethod
+    def from_reference_checkpoint(
+        cls, path: str | Path, base: BaseModel, execution: HypernetExecution | None = None, base_name: str | None = None, **config_changes: Any
+    ) -> "D2L":
+        """A hypernetwork from the reference implementation's ``pytorch_model.bin`` (SakanaAI/doc-to-lora), on ``base``.
+
+        The pickle is read by a restricted unpickler (tensors and the reference's config data classes only;
+        nothing it names is imported or run). ``base_name`` (default ``base.name``) must match the checkpoint's
+        ``base_model_name_or_path`` by last path component. ``config_changes`` set fields the checkpoint lacks
+        (``max_chunk_len``, ``max_chunks``). See ``d2l_jax.export.reference.read_reference_checkpoint`` for the
+        key table and the errors (UnsafeCheckpointError, CheckpointMismatchError, ReferenceFormatError).
+        """
+        from d2l_jax.export.reference import read_reference_checkpoint
+
+        config, params = read_reference_checkpoint(path, base.config, base_name or base.name, **config_changes)
+        return cls(base, config, params, execution)
+
+    def save_reference_checkpoint(self, path: str | Path, base_name: str | None = None) -> Path:
+        """Writes this hypernetwork as the reference implementation's ``pytorch_model.bin`` (``path`` or
+        ``path/pytorch_model.bin`` for a directory), recording ``base_name`` (default: the base model's Hugging
+        Face id where known, else its name). Raises ReferenceFormatError naming the field for a configuration
+        the reference cannot express (``HypernetConfig.ADDITIONS``, a non-reference Perceiver attention).
+        Needs torch and peft. Returns the file written."""
+        from d2l_jax.export.reference import hub_name, write_reference_checkpoint
+
+        return write_reference_checkpoint(path, self.config, self.base.config, self.params, base_name or hub_name(self.base.name))
+
     def param_count(self) -> int:
         return param_count(self.params)
 

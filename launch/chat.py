@@ -1,137 +1,106 @@
 """Talk to a document without it being in the prompt: D2L internalizes it, then answers questions.
 
-    python -m launch.chat --checkpoint=DIR --doc=FILE [--scale=1.0 --max_new_tokens=128]
+    python -m launch.chat --pretrained=smollm2-135m-niah --doc=docs/examples/haystack.txt
+    python -m launch.chat --checkpoint=DIR --doc=FILE [--scale=1.0 --bias_scale=1.0 --max_new_tokens=128]
 
-Every line is a question, answered greedily by the base model with the document's adapter and only the
-question in its prompt (one turn; earlier questions are not in the prompt either). Commands:
+Every line is a question, answered greedily by the base model with the document's adapter; the prompt holds
+the system message and the conversation so far, never the document (``d2l_jax.session.ChatSession``, which
+``launch.demo`` shares). Commands:
 
-    /doc FILE   internalize another document (replaces the current one)
-    /scale X    scale the document's update (multiplies every chunk's A by X; the bias LoRA is left alone)
-                and internalize it again; 0 leaves only the learned bias adapter
-    /reset      forget the document: the base model answers alone
-    /help       list the commands
-    /quit       leave (end of input does too)
+    /doc FILE      internalize another document (replaces the current one; a new conversation starts)
+    /scale X       scale the document's update (multiplies every chunk's A by X; the bias LoRA is left alone)
+                   and internalize it again; 0 leaves only the learned bias adapter
+    /bias X        scale the learned bias LoRA (both factors) and internalize again
+    /system TEXT   set the system message (empty without TEXT)
+    /clear         forget the conversation, keep the document
+    /reset         forget the document and the conversation: the base model answers alone
+    /help          list the commands
+    /quit          leave (end of input does too)
 """
 
 from __future__ import annotations
 
 import math
 import sys
-import time
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from absl import app, flags, logging
 
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "training workdir (or its checkpoints/ folder)", required=True)
+if TYPE_CHECKING:  # the library loads in main, after the flags are checked
+    from d2l_jax.session import ChatSession
+
+_PRETRAINED = flags.DEFINE_string("pretrained", None, "pretrained name or directory (instead of --checkpoint)")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "training workdir (or its checkpoints/ folder)")
+_STEP = flags.DEFINE_integer("step", None, "checkpoint step (latest by default; with --checkpoint)")
 _DOC = flags.DEFINE_string("doc", None, "text file to internalize at the start")
 _SCALE = flags.DEFINE_float("scale", 1.0, "adapter scaler (multiplies every chunk's A)")
+_BIAS_SCALE = flags.DEFINE_float("bias_scale", 1.0, "bias LoRA scaler (multiplies both of its factors)")
+_SYSTEM = flags.DEFINE_string("system", "", "system message of every prompt")
 _MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 128, "longest reply in tokens")
-_STEP = flags.DEFINE_integer("step", None, "checkpoint step (latest by default)")
 
-HELP = """commands: /doc FILE, /scale X, /reset, /help, /quit; anything else is a question"""
-
-
-class ChatSession:
-    """A document internalized by a D2L, and questions answered with its adapter.
-
-    Attributes:
-      d2l: the hypernetwork and its base model.
-      document, document_name: the current document's text and where it came from (None after reset).
-      adapter: the current document's adapter at ``scale`` (None without a document).
-      scale: multiplies every chunk's A when internalizing (the reference's per-context scaler).
-      max_new_tokens: longest reply.
-    """
-
-    def __init__(self, d2l, max_new_tokens: int = 128, scale: float = 1.0):
-        self.d2l = d2l
-        self.max_new_tokens = max_new_tokens
-        self.scale = _finite_scale(scale)
-        self.document: str | None = None
-        self.document_name: str | None = None
-        self.adapter = None
-
-    def _internalize(self) -> str:
-        start = time.perf_counter()
-        self.adapter = self.d2l.adapters([self.document], scaler=self.scale)[0]
-        seconds = time.perf_counter() - start
-        return (
-            f"[internalized {self.document_name}: {self.adapter.num_tokens} tokens, {self.adapter.num_chunks} chunks, "
-            f"adapter rank {self.adapter.rank}, scale {self.scale:g}, {seconds:.1f} s]"
-        )
-
-    def load_document(self, text: str, name: str) -> str:
-        """Internalizes ``text`` as the current document; returns a status line. Raises ValueError for
-        empty text."""
-        if not text.strip():
-            raise ValueError(f"{name} is empty")
-        self.document, self.document_name = text, name
-        return self._internalize()
-
-    def set_scale(self, scale: float) -> str:
-        """Changes the scaler and re-internalizes the current document with it. Raises ValueError for a
-        scale that is not a finite number (nan or inf would turn the adapter into nan)."""
-        self.scale = _finite_scale(scale)
-        if self.document is None:
-            return f"[scale {scale:g}; it applies to the next document]"
-        return self._internalize()
-
-    def reset(self) -> str:
-        """Forgets the document and its adapter."""
-        self.document = self.document_name = self.adapter = None
-        return "[document forgotten: the base model answers alone]"
-
-    def ask(self, question: str) -> str:
-        """The greedy reply to ``question`` with the current adapter (or none) and no document in the prompt."""
-        from d2l_jax.data.examples import student_messages
-
-        lora = self.adapter.lora if self.adapter is not None else None
-        [reply] = self.d2l.base.generate(student_messages(question), max_new_tokens=self.max_new_tokens, lora=lora)
-        return reply
-
-    def handle(self, line: str) -> tuple[str | None, bool]:
-        """(what to print or None, whether to go on) for one input line. Bad commands and errors from
-        the library (missing file, too long question) become messages; the session goes on."""
-        line = line.strip()
-        if not line:
-            return None, True
-        if not line.startswith("/"):
-            try:
-                return self.ask(line), True
-            except ValueError as error:
-                return f"[error: {error}]", True
-        command, _, argument = line.partition(" ")
-        argument = argument.strip()
-        if command == "/quit":
-            return None, False
-        if command == "/help":
-            return HELP, True
-        if command == "/reset":
-            return self.reset(), True
-        if command == "/scale":
-            try:
-                scale = float(argument)
-            except ValueError:
-                return f"[error: /scale needs a number, got {argument!r}]", True
-            try:
-                return self.set_scale(scale), True
-            except ValueError as error:
-                return f"[error: {error}; the scale stays {self.scale:g}]", True
-        if command == "/doc":
-            if not argument:
-                return "[error: /doc needs a file name]", True
-            path = Path(argument).expanduser()
-            try:
-                return self.load_document(path.read_text(), str(path)), True
-            except (OSError, ValueError) as error:
-                return f"[error: {error}]", True
-        return f"[unknown command {command}; {HELP}]", True
+HELP = "commands: /doc FILE, /scale X, /bias X, /system TEXT, /clear, /reset, /help, /quit; anything else is a question"
 
 
-def _finite_scale(scale: float) -> float:
-    if not math.isfinite(scale):
-        raise ValueError(f"the scale must be a finite number, got {scale!r}")
-    return float(scale)
+def status(session: ChatSession) -> str:
+    """The bracketed line printed after an internalization (or a scale change without a document)."""
+    if session.last is None:
+        return f"[scale {session.scale:g}, bias scale {session.bias_scale:g}; they apply to the next document]"
+    return f"[{session.last.summary()}]"
+
+
+def _parse_scale(session: ChatSession, command: str, argument: str, keyword: str) -> str:
+    current = session.scale if keyword == "scale" else session.bias_scale
+    try:
+        value = float(argument)
+    except ValueError:
+        return f"[error: {command} needs a number, got {argument!r}]"
+    try:
+        session.set_scale(**{keyword: value})
+    except ValueError as error:
+        return f"[error: {error}; the {keyword.replace('_', ' ')} stays {current:g}]"
+    return status(session)
+
+
+def handle(session: ChatSession, line: str) -> tuple[str | None, bool]:
+    """(what to print or None, whether to go on) for one input line. Bad commands and errors from the
+    library (missing file, empty document, a conversation too long for the model) become messages; the
+    session goes on."""
+    line = line.strip()
+    if not line:
+        return None, True
+    if not line.startswith("/"):
+        try:
+            return session.ask(line), True
+        except ValueError as error:
+            return f"[error: {error}]", True
+    command, _, argument = line.partition(" ")
+    argument = argument.strip()
+    if command == "/quit":
+        return None, False
+    if command == "/help":
+        return HELP, True
+    if command == "/reset":
+        session.reset()
+        return "[document forgotten, and the conversation: the base model answers alone]", True
+    if command == "/clear":
+        session.clear_history()
+        return "[conversation forgotten; the document stays internalized]", True
+    if command == "/system":
+        session.system_message = argument
+        return f"[system message: {argument!r}]", True
+    if command in ("/scale", "/bias"):
+        return _parse_scale(session, command, argument, "scale" if command == "/scale" else "bias_scale"), True
+    if command == "/doc":
+        if not argument:
+            return "[error: /doc needs a file name]", True
+        path = Path(argument).expanduser()
+        try:
+            session.internalize(path.read_text(), str(path))
+        except (OSError, UnicodeDecodeError, ValueError) as error:
+            return f"[error: {error}]", True
+        return status(session), True
+    return f"[unknown command {command}; {HELP}]", True
 
 
 def chat_loop(session: ChatSession, input_stream: TextIO, output_stream: TextIO, prompt: str = "> ") -> None:
@@ -143,7 +112,7 @@ def chat_loop(session: ChatSession, input_stream: TextIO, output_stream: TextIO,
         if not line:
             output_stream.write("\n")
             return
-        text, go_on = session.handle(line)
+        text, go_on = handle(session, line)
         if text is not None:
             output_stream.write(text + "\n")
             output_stream.flush()
@@ -151,17 +120,74 @@ def chat_loop(session: ChatSession, input_stream: TextIO, output_stream: TextIO,
             return
 
 
-def main(argv):
-    del argv
+def check_model_flags(pretrained: str | None, checkpoint: str | None, step: int | None = None) -> None:
+    """app.UsageError (a one-line message) unless exactly one of ``pretrained`` and ``checkpoint`` is given
+    and a ``checkpoint`` directory exists; checked before anything loads (shared with ``launch.demo``)."""
+    if bool(pretrained) == bool(checkpoint):
+        raise app.UsageError("give exactly one of --pretrained and --checkpoint")
+    if checkpoint and not Path(checkpoint).is_dir():
+        raise app.UsageError(f"--checkpoint={checkpoint}: no such directory")
+    if pretrained and step is not None:
+        raise app.UsageError("--step applies to --checkpoint only")
+
+
+def load_d2l(pretrained: str | None, checkpoint: str | None, step: int | None = None):
+    """The D2L named by exactly one of ``pretrained`` (a shipped name or a directory) and ``checkpoint``
+    (a training workdir). Raises app.UsageError (a one-line message) for bad flags, an unknown name, a
+    missing, mismatched or corrupt checkpoint."""
+    check_model_flags(pretrained, checkpoint, step)
     from d2l_jax.api import D2L
 
-    logging.set_verbosity(logging.WARNING)  # checkpoint-restore chatter would interleave with the dialogue
-    d2l = D2L.load(_CHECKPOINT.value, step=_STEP.value)
-    session = ChatSession(d2l, max_new_tokens=_MAX_NEW_TOKENS.value, scale=_SCALE.value)
-    print(f"D2L on {d2l.base.name}; {HELP}")
-    if _DOC.value:
-        path = Path(_DOC.value)
-        print(session.load_document(path.read_text(), str(path)))
+    try:
+        return D2L.from_pretrained(pretrained) if pretrained else D2L.load(checkpoint, step=step)
+    except (FileNotFoundError, ValueError) as error:
+        flag = f"--pretrained={pretrained}" if pretrained else f"--checkpoint={checkpoint}"
+        raise app.UsageError(f"{flag}: {error}") from None
+
+
+def read_document(path: str, flag: str) -> str:
+    """The text of ``path``; app.UsageError naming ``flag`` when it is missing, unreadable or not text."""
+    try:
+        return Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as error:
+        raise app.UsageError(f"--{flag}={path}: {getattr(error, 'strerror', None) or error}") from None
+
+
+def session_flags(scale: float, bias_scale: float, max_new_tokens: int, system_message: str) -> dict:
+    """``ChatSession`` keyword arguments from flags, checked before anything loads (the library is slow to
+    import); app.UsageError for a scale that is not finite or a max_new_tokens below 1."""
+    for flag, value in (("scale", scale), ("bias_scale", bias_scale)):
+        if not math.isfinite(value):
+            raise app.UsageError(f"--{flag} must be a finite number, got {value}")
+    if max_new_tokens < 1:
+        raise app.UsageError(f"--max_new_tokens must be >= 1, got {max_new_tokens}")
+    return {"max_new_tokens": max_new_tokens, "scale": scale, "bias_scale": bias_scale, "system_message": system_message}
+
+
+def main(argv):
+    """Loads the D2L, internalizes ``--doc`` and chats on standard input and output."""
+    try:
+        if len(argv) > 1:
+            raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+        check_model_flags(_PRETRAINED.value, _CHECKPOINT.value, _STEP.value)
+        text = read_document(_DOC.value, "doc") if _DOC.value else None
+        session_args = session_flags(_SCALE.value, _BIAS_SCALE.value, _MAX_NEW_TOKENS.value, _SYSTEM.value)
+        logging.set_verbosity(logging.WARNING)  # checkpoint-restore chatter would interleave with the dialogue
+        print("loading the D2L ...", file=sys.stderr, flush=True)
+        d2l = load_d2l(_PRETRAINED.value, _CHECKPOINT.value, _STEP.value)
+        from d2l_jax.session import ChatSession
+
+        session = ChatSession(d2l, **session_args)
+        print(f"D2L on {d2l.base.name}; {HELP}")
+        if text is not None:
+            print(f"internalizing {_DOC.value} (the first document also compiles) ...", file=sys.stderr, flush=True)
+            try:
+                session.internalize(text, _DOC.value)
+            except ValueError as error:
+                raise app.UsageError(f"--doc={_DOC.value}: {error}") from None
+            print(status(session))
+    except app.UsageError as error:
+        sys.exit(f"launch.chat: {error}")  # one line, exit status 1
     chat_loop(session, sys.stdin, sys.stdout)
 
 

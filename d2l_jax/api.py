@@ -13,6 +13,11 @@ import numpy as np
 
 from d2l_jax import pretrained
 from d2l_jax.data.chunking import chunk_document, document_affixes, tokenize_document
+from d2l_jax.export.reference import (
+    hub_name,
+    read_reference_checkpoint,
+    write_reference_checkpoint,
+)
 from d2l_jax.hypernet.adapter import (
     Adapter,
     batched_adapters,
@@ -148,8 +153,6 @@ class D2L:
         (``max_chunk_len``, ``max_chunks``). See ``d2l_jax.export.reference.read_reference_checkpoint`` for the
         key table and the errors (UnsafeCheckpointError, CheckpointMismatchError, ReferenceFormatError).
         """
-        from d2l_jax.export.reference import read_reference_checkpoint
-
         config, params = read_reference_checkpoint(path, base.config, base_name or base.name, **config_changes)
         return cls(base, config, params, execution)
 
@@ -159,8 +162,6 @@ class D2L:
         Face id where known, else its name). Raises ReferenceFormatError naming the field for a configuration
         the reference cannot express (``HypernetConfig.ADDITIONS``, a non-reference Perceiver attention).
         Needs torch and peft. Returns the file written."""
-        from d2l_jax.export.reference import hub_name, write_reference_checkpoint
-
         return write_reference_checkpoint(path, self.config, self.base.config, self.params, base_name or hub_name(self.base.name))
 
     def param_count(self) -> int:

@@ -41,6 +41,7 @@ def main(argv):
         raise app.UsageError(f"--document is only used with --to=peft, not --to={_TO.value}")
 
     from d2l_jax.api import D2L
+    from d2l_jax.export import save_peft
     from d2l_jax.export.reference import hub_name
     from d2l_jax.train.checkpoint import Checkpointer
     from d2l_jax.train.config import RunConfig
@@ -65,7 +66,7 @@ def main(argv):
         print(f"wrote {out} ({d2l.param_count():,} parameters, reference layout)")
     else:
         adapter = d2l.internalize(document)
-        out = adapter.save_peft(_OUT.value, base_model_name_or_path=hub_name(d2l.base.name))
+        out = save_peft(adapter, _OUT.value, base_model_name_or_path=hub_name(d2l.base.name))
         print(f"wrote {out} (rank {adapter.rank}, {adapter.num_chunks} chunks of {adapter.num_tokens} tokens)")
 
 

@@ -11,7 +11,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "d2l_jax"
 LAYERS = (
     ("d2l_jax.sharding", "d2l_jax.models"),
     ("d2l_jax.hypernet", "d2l_jax.data"),
-    ("d2l_jax.api", "d2l_jax.train", "d2l_jax.eval", "d2l_jax.baselines"),
+    ("d2l_jax.api", "d2l_jax.pretrained", "d2l_jax.session", "d2l_jax.export", "d2l_jax.train", "d2l_jax.eval", "d2l_jax.baselines"),
     ("d2l_jax",),  # the package's own __init__: the public surface
 )
 

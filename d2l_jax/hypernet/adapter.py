@@ -60,14 +60,6 @@ class Adapter:
     def B(self):
         return self.lora.B
 
-    def save_peft(self, directory, base_model_name_or_path: str | None = None):
-        """Writes this adapter as a PEFT LoRA directory (``adapter_config.json`` + ``adapter_model.safetensors``)
-        that ``peft.PeftModel.from_pretrained`` applies as this project does; see ``d2l_jax.export.peft.save_peft``
-        for the layout and failure modes. Returns the directory."""
-        from d2l_jax.export.peft import save_peft
-
-        return save_peft(self, directory, base_model_name_or_path)
-
 
 def stack_adapters(adapters: Sequence[Adapter]) -> LoRA:
     """One LoRA with a row per adapter (for a batch of prompts, one document each), zero-padded to the

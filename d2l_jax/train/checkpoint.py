@@ -93,8 +93,9 @@ def check_base(saved: dict[str, Any], current: dict[str, Any], directory) -> Non
 
     Architecture fields added to ``DecoderConfig`` after ``saved`` was written count as their defaults."""
     defaults = {f.name: f.default for f in dataclasses.fields(DecoderConfig) if f.default is not dataclasses.MISSING}
-    architecture = _jsonable({**{k: v for k, v in defaults.items() if k not in EXECUTION_FIELDS}, **saved["architecture"]})
-    if architecture != _jsonable(current["architecture"]) or not math.isclose(
+    current_architecture = _jsonable(current["architecture"])
+    added = {k: defaults[k] for k in current_architecture.keys() - saved["architecture"].keys() if k in defaults}
+    if _jsonable({**added, **saved["architecture"]}) != current_architecture or not math.isclose(
         saved["fingerprint"], current["fingerprint"], rel_tol=1e-5
     ):
         raise CheckpointMismatchError(

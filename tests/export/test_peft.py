@@ -11,7 +11,7 @@ import pytest
 from safetensors.numpy import load_file
 
 import d2l_jax
-from d2l_jax.export import load_peft_adapter
+from d2l_jax.export import load_peft_adapter, save_peft
 from d2l_jax.hypernet.adapter import batched_adapters
 from tests.conftest import randomized, torch_logits
 
@@ -53,7 +53,7 @@ def test_peft_reproduces_the_student_on_tiny_llama(tiny_llama, tmp_path, modules
     pad = lambda x: np.pad(np.asarray(x), ((0, 0), (0, 0), (0, 4), (0, 0)))
     adapter = adapter.replace(lora=jax.tree.map(pad, adapter.lora))
     assert adapter.rank == 12 and adapter.A[modules[0]].shape[2] == 16
-    adapter.save_peft(tmp_path)
+    save_peft(adapter, tmp_path)
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert config["r"] == adapter.rank and config["lora_alpha"] == pytest.approx(d2l.config.alpha * adapter.rank)
     ids = np.random.default_rng(1).integers(3, base.config.vocab_size, (2, 9))
@@ -66,7 +66,7 @@ def test_layers_without_adapter_rows_are_left_out(tiny_llama, tmp_path):
     base, torch_model = tiny_llama
     d2l = randomized(d2l_jax.D2L.create(base, SMALL.replace(adapted_layers=2)))
     adapter = _adapter(d2l)
-    adapter.save_peft(tmp_path)
+    save_peft(adapter, tmp_path)
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert config["layers_to_transform"] == [1, 2]
     assert not any(".layers.0." in k for k in load_file(str(tmp_path / "adapter_model.safetensors")))
@@ -78,7 +78,7 @@ def test_peft_round_trip_gives_the_identical_adapter(tiny_llama, tmp_path):
     base, _ = tiny_llama
     d2l = randomized(d2l_jax.D2L.create(base, SMALL.replace(adapted_layers=2, target_modules=("down_proj", "k_proj"))))
     adapter = _adapter(d2l, num_chunks=3)
-    back = load_peft_adapter(adapter.save_peft(tmp_path))
+    back = load_peft_adapter(save_peft(adapter, tmp_path))
     assert (back.rank, back.num_tokens, back.num_chunks, back.lora.alpha) == (adapter.rank, adapter.num_tokens, adapter.num_chunks, adapter.lora.alpha)
     for mine, theirs in zip(jax.tree.leaves(adapter.lora), jax.tree.leaves(back.lora), strict=True):
         assert mine.shape == theirs.shape and mine.dtype == theirs.dtype
@@ -90,13 +90,13 @@ def test_peft_export_refuses_a_batch_of_adapters(tiny_llama, tmp_path):
     adapter = _adapter(randomized(d2l_jax.D2L.create(base, SMALL)))
     doubled = adapter.replace(lora=jax.tree.map(lambda x: np.concatenate([x, x]), adapter.lora))
     with pytest.raises(ValueError, match=r"\[1, L, R, d_in\]"):
-        doubled.save_peft(tmp_path)
+        save_peft(doubled, tmp_path)
 
 
 def test_peft_reproduces_the_student_on_smollm2(smollm2, smollm2_torch, tmp_path):
     d2l = randomized(d2l_jax.D2L.create(smollm2, SMALL.replace(max_chunk_len=64)), seed=3)
     adapter = d2l.internalize("The vault code is 4812. It opens the north door of the old observatory.")
-    adapter.save_peft(tmp_path, base_model_name_or_path="HuggingFaceTB/SmolLM2-135M-Instruct")
+    save_peft(adapter, tmp_path, base_model_name_or_path="HuggingFaceTB/SmolLM2-135M-Instruct")
     ids = smollm2.tokenizer("What is the vault code?")["input_ids"]
     difference = _max_difference(d2l, adapter, smollm2_torch, tmp_path, [ids])
     print(f"SmolLM2-135M: max |logit difference| {difference:.2e}")

@@ -47,6 +47,9 @@ CLOSED_QA_TEMPLATE = (
     "Answer the following question. Output only the answer and do not output any other words.\n\nQuestion: {question}"
 )
 PROMPT_TEMPLATES = ("closed_qa", "none")
+# What a training record's context is: its whole passage, or the passage's sentences that hold the answer.
+CONTEXT_KINDS = ("passage", "answer_sentence")
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 # A nested (SQuAD-layout) file is one JSON object whose first key is one of these.
 _NESTED_HEAD = re.compile(r'\{\s*"(?:data|version)"\s*:')
 _GZIP_MAGIC = b"\x1f\x8b"
@@ -414,6 +417,19 @@ def _compact(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return compact
 
 
+def answer_sentence(context: str, answer: str) -> str:
+    """The sentences of ``context`` that the first occurrence of ``answer`` overlaps (sentences end at
+    ".", "!" or "?" before white space), or the whole ``context`` when ``answer`` is not a span of it."""
+    start = context.find(answer)
+    if start < 0 or not answer:
+        return context
+    end = start + len(answer)
+    bounds = [0] + [m.end() for m in _SENTENCE_END.finditer(context)] + [len(context)]
+    first = max(b for b in bounds if b <= start)
+    last = min(b for b in bounds if b >= end)
+    return context[first:last].strip()
+
+
 def contexts(records: list[dict[str, Any]]) -> list[tuple[str, list[dict[str, Any]]]]:
     """``[(context, [its records]), ...]`` in the order the contexts first appear (the compact grouping)."""
     return list(_by_context(records).items())
@@ -451,9 +467,11 @@ class QASource:
     ``id``, ``group``) in ``split`` (``split_records``; ``validation_share`` None = the format's share in
     ``VALIDATION_SHARES``), with ``prompt`` = ``closed_qa_prompt(question)`` under ``template="closed_qa"``
     or the raw question under ``"none"``. Usable wherever ``RecordSource`` is (``training_batches``).
+    ``context="answer_sentence"`` replaces each record's context by ``answer_sentence(context, response)``
+    (a short document that still holds the answer: an easier first lesson in reading than the passage).
 
-    Raises what ``read_qa`` raises, and ValueError for an unknown template or split, a share outside
-    [0, 1], and a split without records.
+    Raises what ``read_qa`` raises, and ValueError for an unknown template, context kind or split, a share
+    outside [0, 1], and a split without records.
     """
 
     def __init__(
@@ -463,18 +481,23 @@ class QASource:
         split: str = "train",
         template: str = "closed_qa",
         validation_share: float | None = None,
+        context: str = "passage",
     ):
         if template not in PROMPT_TEMPLATES:
             raise ValueError(f"template={template!r}; expected one of {PROMPT_TEMPLATES}")
+        if context not in CONTEXT_KINDS:
+            raise ValueError(f"context={context!r}; expected one of {CONTEXT_KINDS}")
         self.path = Path(path)
         self.format, records = read_qa(self.path, format)
-        self.split, self.template = split, template
+        self.split, self.template, self.context = split, template, context
         self.validation_share = VALIDATION_SHARES[self.format] if validation_share is None else validation_share
         records = split_records(records, split, self.validation_share)
         if not records:
             raise ValueError(f"{self.path}: the {split!r} split (validation_share={self.validation_share}) has no records")
         if template == "closed_qa":
             records = [dict(r, prompt=closed_qa_prompt(r["prompt"])) for r in records]
+        if context == "answer_sentence":
+            records = [dict(r, context=answer_sentence(r["context"], r["response"])) for r in records]
         self.records = records
 
     def __len__(self) -> int:
@@ -484,4 +507,4 @@ class QASource:
         return dict(self.records[int(index)])
 
     def __repr__(self) -> str:
-        return f"QASource({str(self.path)!r}, format={self.format!r}, split={self.split!r})"
+        return f"QASource({str(self.path)!r}, format={self.format!r}, split={self.split!r}, context={self.context!r})"

@@ -9,7 +9,8 @@ A source is a name in :data:`SOURCES` and its options:
   qa       a question-answering file (SQuAD, ROPES, DROP, LongBench or generic records; ``data.qa_sets``):
            one split of its questions, prompts in the closed-QA template. Options: ``path`` (required),
            ``format`` (None = detect), ``split`` (``"train"``; also ``"validation"``, ``"all"``),
-           ``template`` (``"closed_qa"`` or ``"none"``), ``validation_share`` (None = the format's default).
+           ``template`` (``"closed_qa"`` or ``"none"``), ``validation_share`` (None = the format's default),
+           ``context`` (``"passage"``, or ``"answer_sentence"``: the passage's sentences holding the answer).
 """
 
 from __future__ import annotations
@@ -58,17 +59,17 @@ def _records(tokenizer, seed: int, path: str) -> list[RecordSource]:
 
 def _qa(
     tokenizer, seed: int, path: str, format: str | None = None, split: str = "train", template: str = "closed_qa",
-    validation_share: float | None = None,
+    validation_share: float | None = None, context: str = "passage",
 ) -> list[QASource]:
     del tokenizer, seed  # the file holds finished questions; the split is fixed by the groups' hashes
-    return [QASource(path, format, split, template, validation_share)]
+    return [QASource(path, format, split, template, validation_share, context)]
 
 
 SOURCES: dict[str, Callable[..., list]] = {"niah": _niah, "records": _records, "qa": _qa}
 _OPTIONS = {
     "niah": (("bins",), ("records", "split")),
     "records": (("path",), ()),
-    "qa": (("path",), ("format", "split", "template", "validation_share")),
+    "qa": (("path",), ("format", "split", "template", "validation_share", "context")),
 }
 
 

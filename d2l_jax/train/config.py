@@ -167,8 +167,9 @@ class RunConfig:
     and the frozen base model run (any checkpoint runs under any execution). ``evaluator`` (None: none)
     is evaluated every ``eval_every`` steps.
 
-    ``init_from``: a training workdir (or its ``checkpoints`` folder) whose latest hypernetwork parameters
-    start this run, with a fresh optimizer and schedule (fine-tuning on other data, e.g. longer contexts);
+    ``init_from``: a pretrained hypernetwork (a shipped name such as ``"smollm2-135m-niah"`` or a
+    ``save_pretrained`` directory) or a training workdir (or its ``checkpoints`` folder) whose latest
+    hypernetwork parameters start this run, with a fresh optimizer and schedule (fine-tuning on other data, e.g. longer contexts);
     ignored once this run has checkpoints of its own, which resume it.
     """
 

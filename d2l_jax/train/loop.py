@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax
 from tqdm.auto import tqdm
 
+from d2l_jax import pretrained
 from d2l_jax.api import D2L
 from d2l_jax.data.chunking import document_affixes
 from d2l_jax.data.examples import ChunkSampling, TrainExampleBuilder
@@ -21,7 +22,8 @@ from d2l_jax.data.pipeline import RecordStats, training_batches
 from d2l_jax.data.sources import make_sources
 from d2l_jax.hypernet.hypernet import init_hypernet, join_stats, split_stats
 from d2l_jax.models.base_model import BaseModel
-from d2l_jax.train.checkpoint import CheckpointCorruptError, Checkpointer, CheckpointMismatchError, base_identity
+from d2l_jax.hypernet.config import HypernetConfig
+from d2l_jax.train.checkpoint import CheckpointCorruptError, Checkpointer, CheckpointMismatchError, base_identity, check_base
 from d2l_jax.train.config import RunConfig
 from d2l_jax.train.metrics import MetricsWriter, StopOnSignal
 from d2l_jax.train.step import Trainer
@@ -74,23 +76,35 @@ def training_batch_stream(run: RunConfig, base: BaseModel, stats: RecordStats | 
 
 
 def initial_params(init_from: str | Path, trainer: Trainer, identity: dict[str, Any]):
-    """The latest hypernetwork variables (parameters and statistics) of the run in ``init_from``, placed on
-    ``trainer``'s mesh.
+    """The hypernetwork variables (parameters and statistics) that ``init_from`` names, placed on
+    ``trainer``'s mesh: a pretrained hypernetwork (a shipped name or a ``save_pretrained`` directory) or the
+    latest checkpoint of a training run's workdir (or its ``checkpoints`` folder).
 
-    Raises FileNotFoundError without checkpoints, CheckpointMismatchError for another base model and
-    ValueError when that run's hypernetwork has other parameter shapes than ``trainer``'s.
+    Raises FileNotFoundError for a run without checkpoints, CheckpointMismatchError for another base model
+    and ValueError when that hypernetwork has other parameter shapes than ``trainer``'s.
     """
+    shapes = lambda hyper: jax.tree.map(lambda x: x.shape, jax.eval_shape(lambda: nn.unbox(init_hypernet(hyper, trainer.base, jax.random.key(0)))))
+
+    def require_same_shapes(saved: HypernetConfig):
+        if shapes(saved) != shapes(trainer.hyper):
+            raise ValueError(f"init_from={str(init_from)!r}: its hypernetwork's parameter shapes differ from this run's hypernet config")
+
+    state = trainer.abstract_state()
+    abstract = join_stats(state.params, state.stats)
+    if (Path(init_from) / pretrained.WEIGHTS_FILE).is_file() or str(init_from) in pretrained.available():
+        directory = pretrained.resolve(init_from)
+        saved = pretrained.read_config(directory)
+        require_same_shapes(HypernetConfig.from_dict(saved["hypernet"])[0])
+        check_base(saved["base_identity"], identity, directory)
+        variables = pretrained.load_variables(directory, saved, abstract)
+        return jax.device_put(variables, jax.tree.map(lambda x: x.sharding, abstract))
     checkpoints = Checkpointer.of_run(init_from)
     try:
         step = checkpoints.latest_step()
         if step is None:
             raise FileNotFoundError(f"init_from={str(init_from)!r} holds no checkpoint")
-        saved = RunConfig.from_json(checkpoints.read_json("config", step)).hypernet
-        shapes = lambda hyper: jax.tree.map(lambda x: x.shape, jax.eval_shape(lambda: nn.unbox(init_hypernet(hyper, trainer.base, jax.random.key(0)))))
-        if shapes(saved) != shapes(trainer.hyper):
-            raise ValueError(f"init_from={str(init_from)!r}: its hypernetwork's parameter shapes differ from this run's hypernet config")
-        state = trainer.abstract_state()
-        return checkpoints.restore_params(join_stats(state.params, state.stats), identity, step)
+        require_same_shapes(RunConfig.from_json(checkpoints.read_json("config", step)).hypernet)
+        return checkpoints.restore_params(abstract, identity, step)
     finally:
         checkpoints.close()
 

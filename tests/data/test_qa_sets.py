@@ -16,6 +16,7 @@ from d2l_jax.data.qa_sets import (
     CLOSED_QA_TEMPLATE,
     VALIDATION_SHARES,
     QASource,
+    answer_sentence,
     closed_qa_prompt,
     contexts,
     is_held_out,
@@ -283,7 +284,7 @@ def test_the_qa_source_serves_templated_prompts(tmp_path):
     record = validation[0]
     assert record["prompt"] == CLOSED_QA_TEMPLATE.format(question="Question 3.0.0?") == closed_qa_prompt("Question 3.0.0?")
     assert record["prompt"].startswith("Answer the following question. Output only the answer") and record_problem(record) is None
-    assert repr(validation) == f"QASource({str(path)!r}, format='squad', split='validation')"
+    assert repr(validation) == f"QASource({str(path)!r}, format='squad', split='validation', context='passage')"
     [raw] = make_sources(SourceConfig("qa", {"path": str(path), "template": "none", "split": "all"}), None, 0)
     assert raw[0]["prompt"] == "Question 0.0.0?" and len(raw) == 160
     with pytest.raises(ValueError, match=r"data source 'qa': missing options \[\], unknown options \['shuffle'\]"):
@@ -292,6 +293,34 @@ def test_the_qa_source_serves_templated_prompts(tmp_path):
         QASource(path, template="chat")
     with pytest.raises(ValueError, match=r"squad\.json: the 'validation' split \(validation_share=0\.0\) has no records"):
         QASource(path, split="validation", validation_share=0.0)
+
+
+PASSAGE = "The vault opened in 1858. Its keeper, Ada Byron, lived in Lisbon! Was it safe? Nobody knows."
+
+
+@pytest.mark.parametrize(
+    "answer, sentence",
+    [
+        ("1858", "The vault opened in 1858."),
+        ("Ada Byron", "Its keeper, Ada Byron, lived in Lisbon!"),
+        ("safe", "Was it safe?"),
+        ("Nobody", "Nobody knows."),
+        ("Lisbon! Was it", "Its keeper, Ada Byron, lived in Lisbon! Was it safe?"),  # an answer across two sentences
+        ("Paris", PASSAGE),  # not a span: the whole passage
+        ("", PASSAGE),
+    ],
+)
+def test_the_answer_sentence_is_the_passage_sentences_the_answer_overlaps(answer, sentence):
+    assert answer_sentence(PASSAGE, answer) == sentence
+
+
+def test_the_qa_source_can_serve_answer_sentences(tmp_path):
+    path = write_json(tmp_path / "squad.json", squad(("Vaults", [(PASSAGE, [qa("Who kept it?", "Ada Byron"), qa("Where?", "Paris")])])))
+    [source] = make_sources(SourceConfig("qa", {"path": str(path), "split": "all", "context": "answer_sentence"}), None, 0)
+    assert [r["context"] for r in source] == ["Its keeper, Ada Byron, lived in Lisbon!", PASSAGE]
+    assert [r["response"] for r in source] == ["Ada Byron", "Paris"] and source[0]["group"] == QASource(path, split="all")[0]["group"]
+    with pytest.raises(ValueError, match=r"context='sentence'; expected one of \('passage', 'answer_sentence'\)"):
+        QASource(path, context="sentence")
 
 
 def test_training_batches_read_a_qa_source(tmp_path, smollm2):

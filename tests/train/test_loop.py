@@ -163,6 +163,20 @@ def test_init_from_starts_from_another_runs_parameters_with_a_fresh_optimizer(ba
     assert any(jax.tree.leaves(moved))
 
 
+def test_init_from_a_pretrained_directory(base, straight, tmp_path):
+    trained = D2L.load(straight, base=base)
+    trained.save_pretrained(tmp_path / "pretrained", description="tiny")
+    run = dataclasses.replace(RUN, init_from=str(tmp_path / "pretrained"))
+    assert train(run, tmp_path / "start", base=base, stop_after=0)["step"] == 0
+    jax.tree.map(np.testing.assert_array_equal, D2L.load(tmp_path / "start", base=base).params, trained.params)
+    other = tiny_base(base.tokenizer, base.stop_token_ids, seed=2)
+    with pytest.raises(CheckpointMismatchError):
+        train(run, tmp_path / "other", base=other, stop_after=0)
+    wider = dataclasses.replace(run, hypernet=dataclasses.replace(RUN.hypernet, lora_rank=4))
+    with pytest.raises(ValueError, match="parameter shapes differ"):
+        train(wider, tmp_path / "wider", base=base, stop_after=0)
+
+
 def test_init_from_refuses_a_run_without_checkpoints_or_of_another_shape(base, straight, tmp_path):
     with pytest.raises(FileNotFoundError, match="is not a directory"):
         train(dataclasses.replace(RUN, init_from=str(tmp_path / "missing")), tmp_path / "a", base=base)

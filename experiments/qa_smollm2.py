@@ -80,4 +80,7 @@ def get_config(variant: str = "kl") -> ml_collections.ConfigDict:
     config.log_every = 10
     config.time_limit_minutes = 95.0
     config.init_from = "smollm2-135m-niah"
+    # Its B outputs zeroed: the student starts as the base model (the needle head's adapters took the
+    # distillation loss from 2.5 to 23 nats on SQuAD questions), with the needle hypernetwork's reading kept.
+    config.init_without_b = True
     return config

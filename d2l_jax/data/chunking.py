@@ -5,16 +5,28 @@ from __future__ import annotations
 import math
 
 _SENTINEL = "\u2063D2L-DOCUMENT\u2063"
+# How the reference's chat templates (Gemma-2's and Mistral's) fold a system message into the first user
+# turn: ``system + "\n\n" + user``. With its empty system message this leaves "\n\n" before the document.
+_FOLDED_SYSTEM_SEPARATOR = "\n\n"
 
 
 def document_affixes(tokenizer) -> tuple[list[int], list[int]]:
-    """Token ids before and after a document placed as the user turn after an empty system turn,
-    ending with the generation prompt (the reference's context format), from the tokenizer's template."""
+    """Token ids before and after a document placed as the user turn after an empty system turn, ending
+    with the generation prompt (the reference's context format), from the tokenizer's chat template.
+
+    A template that refuses a system turn (the stock Gemma-2 one raises "System role not supported") gets
+    the user turn alone with the empty system message folded in front of the document as the reference's
+    own templates fold it (``"" + "\n\n"``), so both give the reference's Gemma-2 affixes
+    ``<bos><start_of_turn>user\n\n\n`` / ``<end_of_turn>\n<start_of_turn>model\n``. Raises ValueError
+    when the template does not place the user message verbatim.
+    """
     messages = [{"role": "system", "content": ""}, {"role": "user", "content": _SENTINEL}]
     try:
         text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    except Exception:  # templates without a system role (e.g. Gemma's) raise
+    except Exception:  # templates without a system role raise (jinja's TemplateError via raise_exception)
         text = tokenizer.apply_chat_template(messages[1:], add_generation_prompt=True, tokenize=False)
+        # Inserted after rendering: templates trim the user content, which would drop a leading separator.
+        text = text.replace(_SENTINEL, _FOLDED_SYSTEM_SEPARATOR + _SENTINEL)
     if text.count(_SENTINEL) != 1:
         raise ValueError("the chat template does not place the user message verbatim; cannot derive document affixes")
     prefix, suffix = text.split(_SENTINEL)

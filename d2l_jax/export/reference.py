@@ -30,6 +30,20 @@ function or the parameters (``adapted_layers``, ``per_rank_head``, ``shared_a``,
 non-default ``l2_eps``) and a Perceiver attention other than the reference's fixed one (16 heads of 128,
 4 key/value heads, MLP factor 4, RMSNorm eps 1e-6). ``b_init`` only chooses an initialisation and
 exports; chunking (``max_chunk_len``, ``max_chunks``) lives in the reference's ``args.yaml``, not here.
+
+The pickle lacks the chunking fields; the reference's training writes them to ``args.yaml`` in the run
+directory (``<run>/args.yaml`` beside ``<run>/checkpoint-<step>/pytorch_model.bin``), a ``yaml.dump`` of
+all its argument data classes. :func:`read_run_args` reads it without constructing anything it names,
+and :func:`config_changes_from_run_args` takes from it:
+
+  args.yaml (CtxTrainingArguments)    this project          how
+  ``max_ctx_chunk_len``               ``max_chunk_len``     as is when > 0; else what the reference's train.py
+                                                            uses: ``max_ctx_len`` if > 0, else the base
+                                                            model's ``max_position_embeddings``
+  ``max_ctx_chunk_num``               ``max_chunks``        as is when set (> 0)
+
+The reference bounds a chunk's piece of the document before adding the chat affixes; here
+``max_chunk_len`` counts the affixes too, so a document near the limit may split into one more chunk.
 """
 
 from __future__ import annotations
@@ -37,6 +51,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +59,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import yaml
 
 from d2l_jax.export import torch_checkpoint
 from d2l_jax.hypernet.config import ADDITIONS, HypernetConfig
@@ -82,6 +98,9 @@ _NORMS = (
     ("post_ff_layernorm", "post_ff_norm"),
 )
 _MLP = ("gate_proj", "up_proj", "down_proj")
+
+RUN_ARGS_FILE = "args.yaml"
+_CHECKPOINT_DIR = re.compile(r"checkpoint-\d+")  # the HF Trainer's checkpoint folders
 
 
 class ReferenceFormatError(ValueError):
@@ -391,23 +410,108 @@ def config_from_reference(entries: dict[str, Any], base: DecoderConfig, base_nam
 
 
 # ---------------------------------------------------------------------------------------------------
+# The run's args.yaml
+
+
+@dataclasses.dataclass(frozen=True)
+class OpaqueValue:
+    """A value of args.yaml written with a Python tag (``!!python/object/apply:...``: the reference dumps
+    str enums such as ``exp_setup`` and the Trainer's strategies that way), kept as its tag and plain data;
+    the class it names is never imported."""
+
+    tag: str
+    value: Any
+
+
+class _RunArgsLoader(yaml.SafeLoader):
+    """YAML's safe loader, plus Python-tagged nodes read as :class:`OpaqueValue` (plain data inside)."""
+
+
+def _opaque(loader: yaml.SafeLoader, suffix: str, node: yaml.Node) -> Any:
+    if isinstance(node, yaml.MappingNode):
+        value = loader.construct_mapping(node, deep=True)
+    elif isinstance(node, yaml.SequenceNode):
+        value = loader.construct_sequence(node, deep=True)
+    else:
+        value = loader.construct_scalar(node)
+    return tuple(value) if suffix == "tuple" else OpaqueValue(f"python/{suffix}", value)
+
+
+_RunArgsLoader.add_multi_constructor("tag:yaml.org,2002:python/", _opaque)
+
+
+def run_args_path(checkpoint: str | Path) -> Path | None:
+    """The ``args.yaml`` the reference's training wrote for the checkpoint file ``checkpoint``: ``<run>/args.yaml``
+    for ``<run>/checkpoint-<step>/pytorch_model.bin``, or None when the file is not in such a folder or the
+    run directory has none."""
+    folder = Path(checkpoint).parent
+    candidate = folder.parent / RUN_ARGS_FILE
+    return candidate if _CHECKPOINT_DIR.fullmatch(folder.name) and candidate.is_file() else None
+
+
+def read_run_args(path: str | Path) -> dict[str, Any]:
+    """The fields of a reference run's ``args.yaml`` as a dict. Values the reference dumped with a Python tag
+    come back as :class:`OpaqueValue`; nothing is imported or run. Raises ReferenceFormatError naming the file
+    when it is not YAML or not a mapping of field names, FileNotFoundError when it does not exist."""
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    try:
+        values = yaml.load(text, Loader=_RunArgsLoader)  # a SafeLoader: tagged values stay data
+    except yaml.YAMLError as error:
+        detail = " ".join(str(error).split())[:300]
+        raise ReferenceFormatError(f"{path}: not a readable args.yaml ({type(error).__name__}: {detail})") from error
+    if values is None:
+        values = {}
+    if not isinstance(values, dict) or not all(isinstance(k, str) for k in values):
+        raise ReferenceFormatError(f"{path}: an args.yaml must be a mapping of argument names to values, got {type(values).__name__}")
+    return values
+
+
+def config_changes_from_run_args(args: dict[str, Any], base: DecoderConfig, source: str = RUN_ARGS_FILE) -> dict[str, int]:
+    """The HypernetConfig fields a reference run's arguments (``read_run_args``) give for a checkpoint on
+    ``base``: ``max_chunk_len`` and ``max_chunks`` (see the module docstring). Fields absent from ``args``
+    give nothing. Raises ReferenceFormatError naming ``source`` and the field when a value is not an integer."""
+
+    def integer(key):
+        value = args.get(key)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ReferenceFormatError(f"{source}: {key}={value!r} must be an integer")
+        return value
+
+    changes = {}
+    chunk_len, ctx_len = integer("max_ctx_chunk_len"), integer("max_ctx_len")
+    if chunk_len is not None:
+        # train.py: a chunk length <= 0 means the context limit, which defaults to the context encoder's.
+        changes["max_chunk_len"] = chunk_len if chunk_len > 0 else ctx_len if ctx_len and ctx_len > 0 else base.max_position_embeddings
+    chunks = integer("max_ctx_chunk_num")
+    if chunks is not None and chunks > 0:
+        changes["max_chunks"] = chunks
+    return changes
+
+
+# ---------------------------------------------------------------------------------------------------
 # Files
 
 
 def read_reference_checkpoint(
-    path: str | Path, base: DecoderConfig, base_name: str, **config_changes: Any
+    path: str | Path, base: DecoderConfig, base_name: str, run_args: str | Path | None = None, **config_changes: Any
 ) -> tuple[HypernetConfig, dict]:
     """(config, parameters) of a reference ``pytorch_model.bin`` for the base model ``base`` named ``base_name``.
 
     The file is read by the restricted unpickler (``torch_checkpoint.load``). Every tensor is placed
     through :func:`reference_table`; the parameters are float32 jax arrays in this project's tree
-    (``D2L.create(...).params``). ``config_changes`` sets fields the checkpoint does not hold
-    (``max_chunk_len``, ``max_chunks``: the reference keeps them in ``args.yaml``).
+    (``D2L.create(...).params``). The fields the checkpoint does not hold (``max_chunk_len``, ``max_chunks``)
+    come from the run's ``args.yaml`` (``run_args``; by default the one the reference's training wrote one
+    directory above ``checkpoint-<step>/``, when present; :func:`config_changes_from_run_args`), then from
+    ``config_changes``, which win.
 
     Raises UnsafeCheckpointError for a pickle naming anything outside the allow-list (nothing runs),
     TorchCheckpointError for an unreadable file, CheckpointMismatchError for another base model,
     ReferenceFormatError naming the key for a missing or unexpected key or a shape other than the
-    table's, and naming the field for a configuration this project does not implement.
+    table's, naming the field for a configuration this project does not implement, and naming the
+    args.yaml for one that is malformed or belongs to a run on another base model.
     """
     path = Path(path)
     state = torch_checkpoint.load(path)
@@ -416,6 +520,16 @@ def read_reference_checkpoint(
     state = dict(state)
     entries = {k: state.pop(k) for k in EXTRA_ENTRIES if k in state}
     config = config_from_reference(entries, base, base_name, str(path))
+    args_file = Path(run_args) if run_args is not None else run_args_path(path)
+    if args_file is not None:
+        args = read_run_args(args_file)
+        trained_on = args.get("model_name_or_path")
+        if isinstance(trained_on, str) and _base_key(trained_on) != _base_key(entries["base_model_name_or_path"]):
+            raise ReferenceFormatError(
+                f"{args_file}: model_name_or_path={trained_on!r}, but {path} was trained on {entries['base_model_name_or_path']!r}; "
+                "the args.yaml belongs to another run"
+            )
+        config_changes = {**config_changes_from_run_args(args, base, str(args_file)), **config_changes}
     if config_changes:
         try:
             config = config.replace(**config_changes)

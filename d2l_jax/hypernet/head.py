@@ -187,6 +187,19 @@ def head_width(shape: tuple[int, int], shared_a: bool) -> int:
     return d_out if shared_a else d_in + d_out
 
 
+def without_generated_b(head_params: dict, config: HypernetConfig, base: DecoderConfig) -> dict:
+    """``head_params`` with the head's B outputs and every ``bias_B`` set to zero: the hypernetwork then
+    generates ``B = 0`` (the student is the base model again) while what reads the document (the
+    pre-head blocks, the A outputs or ``shared_A``, the scalers) is kept."""
+    shapes = base.projection_shapes()
+    kernel = head_params["head"]
+    for i, module in enumerate(config.target_modules):
+        start = 0 if config.shared_a else shapes[module][0]
+        kernel = kernel.at[..., start:].set(0) if kernel.ndim == 3 else kernel.at[:, i, ..., start:].set(0)
+    biases = {f"bias_B_{m}": jnp.zeros_like(head_params[f"bias_B_{m}"]) for m in config.target_modules}
+    return {**head_params, "head": kernel, **biases}
+
+
 def pad_to_base_layers(x: Float[Array, "... n r d"], num_layers: int, layer_axis: int):
     """Zero rows in front of the adapted layers so an adapter covers all ``num_layers`` base layers."""
     missing = num_layers - x.shape[layer_axis]

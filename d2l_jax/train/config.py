@@ -170,7 +170,9 @@ class RunConfig:
     ``init_from``: a pretrained hypernetwork (a shipped name such as ``"smollm2-135m-niah"`` or a
     ``save_pretrained`` directory) or a training workdir (or its ``checkpoints`` folder) whose latest
     hypernetwork parameters start this run, with a fresh optimizer and schedule (fine-tuning on other data, e.g. longer contexts);
-    ignored once this run has checkpoints of its own, which resume it.
+    ignored once this run has checkpoints of its own, which resume it. ``init_without_b``: start from
+    ``init_from`` with the head's B outputs and the bias B at zero (``hypernet.head.without_generated_b``), so
+    the student begins as the base model while the hypernetwork keeps how it reads documents.
     """
 
     model: str
@@ -186,6 +188,7 @@ class RunConfig:
     log_every: int = 10
     time_limit_minutes: float = 0.0
     init_from: str = ""
+    init_without_b: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self)))

@@ -23,6 +23,7 @@ from d2l_jax.data.sources import make_sources
 from d2l_jax.hypernet.hypernet import init_hypernet, join_stats, split_stats
 from d2l_jax.models.base_model import BaseModel
 from d2l_jax.hypernet.config import HypernetConfig
+from d2l_jax.hypernet.head import without_generated_b
 from d2l_jax.train.checkpoint import CheckpointCorruptError, Checkpointer, CheckpointMismatchError, base_identity, check_base
 from d2l_jax.train.config import RunConfig
 from d2l_jax.train.metrics import MetricsWriter, StopOnSignal
@@ -184,6 +185,8 @@ def _train(run: RunConfig, workdir: Path, base, evaluator, stop_after, resume_st
     elif run.init_from:
         # A fresh optimizer state is zeros whatever the parameters' values, so only the parameters change.
         params, stats = split_stats(initial_params(run.init_from, trainer, identity))
+        if run.init_without_b:
+            params = dict(params, head=jax.jit(without_generated_b, static_argnums=(1, 2))(params["head"], run.hypernet, trainer.base))
         state, step = trainer.init_state().replace(params=params, stats=stats), 0
         log.info("initialised the hypernetwork from %s", run.init_from)
     else:

@@ -11,7 +11,7 @@ from flax import linen as nn
 import d2l_jax
 from d2l_jax.hypernet import hypernet as hn
 from d2l_jax.hypernet.encoder import context_features
-from d2l_jax.hypernet.head import LoRAHead, pad_to_base_layers
+from d2l_jax.hypernet.head import LoRAHead, pad_to_base_layers, without_generated_b
 from d2l_jax.models.families import DecoderConfig
 from d2l_jax.models.generate import bucket_length
 from d2l_jax.models.lora import LoRA
@@ -102,6 +102,20 @@ def test_fresh_hypernet_leaves_base_unchanged(tiny_base, changes):
     assert adapter.num_chunks > 1
     ids = tiny_base.chat_ids([{"role": "user", "content": "Where is the vault?"}])
     np.testing.assert_array_equal(np.asarray(d2l.logits([ids])), np.asarray(tiny_base.logits([ids])))
+
+
+@pytest.mark.parametrize("changes", [{}, {"b_init": "zero_head", "shared_a": True, "per_rank_head": True}], ids=["reference", "shared_a"])
+def test_without_generated_b_keeps_a_and_generates_zero_b(tiny_base, changes):
+    trained = randomized(d2l_jax.D2L.create(tiny_base, TINY_HYPER.replace(**changes), seed=3, execution=TINY_EXECUTION))
+    params = dict(trained.params, head=without_generated_b(trained.params["head"], trained.config, tiny_base.config))
+    reset = d2l_jax.D2L(tiny_base, trained.config, params, TINY_EXECUTION)
+    before, after = trained.internalize(DOCS[1]), reset.internalize(DOCS[1])
+    for module in TINY_HYPER.target_modules:
+        assert np.abs(np.asarray(before.lora.B[module])).max() > 0
+        np.testing.assert_array_equal(np.asarray(after.lora.B[module]), 0)
+        np.testing.assert_array_equal(np.asarray(after.lora.A[module]), np.asarray(before.lora.A[module]))
+    ids = tiny_base.chat_ids([{"role": "user", "content": "Where is the vault?"}])
+    np.testing.assert_array_equal(np.asarray(reset.logits([ids], adapter=after)), np.asarray(tiny_base.logits([ids])))
 
 
 @pytest.mark.parametrize("adapted_layers", [0, 2], ids=["every-layer", "last-2-layers"])

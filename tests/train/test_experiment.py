@@ -7,11 +7,12 @@ import importlib.util
 import json
 import os
 
+import flax.linen as nn
 import jax
 import pytest
 
 from d2l_jax.hypernet.config import HypernetConfig, HypernetExecution
-from d2l_jax.hypernet.hypernet import init_hypernet
+from d2l_jax.hypernet.hypernet import init_hypernet, param_count
 from d2l_jax.models.base_model import BaseExecution, base_architecture
 from d2l_jax.models.families import PUBLISHED_CONFIGS, published_config
 from d2l_jax.train.config import RunConfig, parse_experiment
@@ -58,6 +59,7 @@ def test_execution_sections_set_dtypes_remat_and_unrolling():
     [
         ("main_mistral7b", "mistral-7b-instruct-v0.2", 64, 80_000),
         ("main_smollm2", "smollm2-135m-instruct", 64, 80_000),
+        ("main_gemma2", "gemma-2-2b-it", 64, 80_000),
         ("niah_mistral7b", "mistral-7b-instruct-v0.2", 128, 5000),
         ("niah_smollm2_full", "smollm2-135m-instruct", 128, 5000),
     ],
@@ -75,6 +77,21 @@ def test_full_size_recipes_keep_the_reference_batch(name, model, rows_per_step, 
     else:  # two rows of 2 x 256 context slots per reference row of 1024
         assert (2 * context_slots, run.train.loss, run.train.l1_coef) == (1024, "ce", 2.0)
         assert run.evaluator.name == "niah" and dict(run.evaluator.options) == {"bin": (32, 256), "contexts": 100}
+
+
+def test_the_gemma2_recipe_is_the_published_hypernetwork():
+    """The reference's main configuration on gemma-2-2b-it (reference-facts 9.1): per-layer activations of
+    all 26 layers, 8 latents x 9 blocks at width 512, rank-8 down_proj on every layer, 315,237,792 parameters
+    (shapes only, nothing allocated)."""
+    run = parse_experiment(experiment("main_gemma2"))
+    hyper, base = run.hypernet, base_architecture(run.model)
+    assert base == published_config("gemma-2-2b-it") and base.num_layers == 26
+    assert (hyper.encoder_type, hyper.latent_size, hyper.n_latent_queries, hyper.num_blocks) == ("per_layer_activations", 512, 8, 9)
+    assert (hyper.lora_rank, hyper.target_modules, hyper.adapted_layers, hyper.num_pre_head_layers) == (8, ("down_proj",), 0, 1)
+    shapes = jax.eval_shape(lambda: init_hypernet(hyper, base, jax.random.key(0)))
+    assert param_count(shapes) == 315_237_792
+    head = nn.unbox(shapes)["head"]
+    assert (head["head"].shape, head["bias_A_down_proj"].shape, head["bias_B_down_proj"].shape) == ((26, 512, 11520), (26, 8, 9216), (26, 8, 2304))
 
 
 def test_published_smollm2_shapes_match_the_embedded_gguf():

@@ -25,7 +25,7 @@ from d2l_jax.hypernet.adapter import (
     stack_adapters,
 )
 from d2l_jax.hypernet.config import HypernetConfig, HypernetExecution
-from d2l_jax.hypernet.hypernet import init_hypernet, param_count
+from d2l_jax.hypernet.hypernet import abstract_hypernet, init_hypernet, param_count
 from d2l_jax.models.base_model import BaseExecution, BaseModel
 from d2l_jax.models.lora import LoRA
 from d2l_jax.train.checkpoint import (
@@ -90,7 +90,7 @@ class D2L:
         try:
             run = RunConfig.from_json(checkpoints.read_json("config", step))
             base = base or (base_execution or run.base_execution).load(run.model)
-            abstract = jax.eval_shape(lambda: nn.unbox(init_hypernet(run.hypernet, base.config, jax.random.key(0))))
+            abstract = abstract_hypernet(run.hypernet, base.config)
             params = checkpoints.restore_params(abstract, base_identity(run.model, base.config, base.params), step)
         finally:
             checkpoints.close()
@@ -124,7 +124,7 @@ class D2L:
             raise CheckpointCorruptError(f"{directory / pretrained.CONFIG_FILE}: bad or missing field ({error!r})") from error
         base = base or base_execution.load(model)
         check_base(identity, base_identity(model, base.config, base.params), directory)
-        abstract = jax.eval_shape(lambda: nn.unbox(init_hypernet(hyper, base.config, jax.random.key(0))))
+        abstract = abstract_hypernet(hyper, base.config)
         return cls(base, hyper, pretrained.load_variables(directory, saved, abstract), execution)
 
     def save_pretrained(self, directory: str | Path, description: str = "", base_execution: BaseExecution | None = None) -> Path:

@@ -55,7 +55,6 @@ import re
 from pathlib import Path
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -63,7 +62,7 @@ import yaml
 
 from d2l_jax.export import torch_checkpoint
 from d2l_jax.hypernet.config import ADDITIONS, HypernetConfig
-from d2l_jax.hypernet.hypernet import init_hypernet
+from d2l_jax.hypernet.hypernet import abstract_hypernet
 from d2l_jax.models.families import DecoderConfig
 from d2l_jax.train.checkpoint import CheckpointMismatchError
 
@@ -145,11 +144,6 @@ def check_expressible(config: HypernetConfig) -> None:
             raise ReferenceFormatError(f"HypernetConfig.{name}={getattr(config, name)!r}: the reference's Perceiver fixes {name}={value!r}")
 
 
-def abstract_params(config: HypernetConfig, base: DecoderConfig) -> dict:
-    """The hypernetwork's parameter shapes (ShapeDtypeStructs) for ``config`` on ``base``, allocating nothing."""
-    return jax.eval_shape(lambda: nn.unbox(init_hypernet(config, base, jax.random.key(0))))
-
-
 def reference_table(config: HypernetConfig, base: DecoderConfig) -> list[KeyMapping]:
     """Every tensor key of the reference's checkpoint for ``config`` on ``base``, in the reference's
     ``state_dict`` order, with its shape and where it lives here.
@@ -157,7 +151,7 @@ def reference_table(config: HypernetConfig, base: DecoderConfig) -> list[KeyMapp
     Raises ReferenceFormatError when ``config`` is not expressible (:func:`check_expressible`).
     """
     check_expressible(config)
-    tree = abstract_params(config, base)
+    tree = abstract_hypernet(config, base)
     rows: list[KeyMapping] = []
 
     def add(key, path, index=None, transpose=False, reference_shape=None):
@@ -562,7 +556,7 @@ def read_reference_checkpoint(
         for part in key[:-1]:
             node = node.setdefault(part, {})
         node[key[-1]] = jnp.asarray(value)
-    abstract = abstract_params(config, base)
+    abstract = abstract_hypernet(config, base)
     if jax.tree.structure(abstract) != jax.tree.structure(params):  # the table covers the whole tree
         raise AssertionError(f"reference table does not cover the parameter tree: {jax.tree.structure(abstract)} vs {jax.tree.structure(params)}")
     return config, params

@@ -45,6 +45,11 @@ def init_hypernet(config: HypernetConfig, base: DecoderConfig, key) -> dict:
     return variables | ({"stats": head_variables["stats"]} if "stats" in head_variables else {})
 
 
+def abstract_hypernet(config: HypernetConfig, base: DecoderConfig) -> dict:
+    """The shapes and dtypes (ShapeDtypeStructs) of ``init_hypernet``'s unboxed variables, allocating nothing."""
+    return jax.eval_shape(lambda: nn.unbox(init_hypernet(config, base, jax.random.key(0))))
+
+
 def split_stats(variables: dict) -> tuple[dict, dict]:
     """(parameters, statistics) of a hypernetwork's variables; the statistics are ``{}`` when it keeps none."""
     return {k: v for k, v in variables.items() if k != "stats"}, variables.get("stats", {})

@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 from typing import Any, Protocol
 
-import flax.linen as nn
 import jax
 from tqdm.auto import tqdm
 
@@ -20,7 +19,7 @@ from d2l_jax.data.chunking import document_affixes
 from d2l_jax.data.examples import ChunkSampling, TrainExampleBuilder
 from d2l_jax.data.pipeline import RecordStats, training_batches
 from d2l_jax.data.sources import make_sources
-from d2l_jax.hypernet.hypernet import init_hypernet, join_stats, split_stats
+from d2l_jax.hypernet.hypernet import abstract_hypernet, join_stats, split_stats
 from d2l_jax.models.base_model import BaseModel
 from d2l_jax.hypernet.config import HypernetConfig
 from d2l_jax.hypernet.head import without_generated_b
@@ -84,7 +83,7 @@ def initial_params(init_from: str | Path, trainer: Trainer, identity: dict[str, 
     Raises FileNotFoundError for a run without checkpoints, CheckpointMismatchError for another base model
     and ValueError when that hypernetwork has other parameter shapes than ``trainer``'s.
     """
-    shapes = lambda hyper: jax.tree.map(lambda x: x.shape, jax.eval_shape(lambda: nn.unbox(init_hypernet(hyper, trainer.base, jax.random.key(0)))))
+    shapes = lambda hyper: jax.tree.map(lambda x: x.shape, abstract_hypernet(hyper, trainer.base))
 
     def require_same_shapes(saved: HypernetConfig):
         if shapes(saved) != shapes(trainer.hyper):

@@ -106,21 +106,25 @@ def save(directory: str | os.PathLike, variables, config: dict[str, Any]) -> Pat
     return directory
 
 
-def load_variables(directory: str | os.PathLike, config: dict[str, Any], abstract) -> Any:
-    """The variables stored in ``directory``, shaped as ``abstract`` (a pytree of ShapeDtypeStructs).
-
-    Raises CheckpointCorruptError when the weights file is missing, does not match ``config``'s checksum,
-    cannot be parsed, or lacks, adds or reshapes a variable.
-    """
+def _stored(directory: str | os.PathLike, config: dict[str, Any]) -> tuple[Path, dict[str, np.ndarray]]:
     path = Path(directory) / WEIGHTS_FILE
     if not path.is_file():
         raise CheckpointCorruptError(f"{path} is missing")
     if _sha256(path) != config.get("sha256"):
         raise CheckpointCorruptError(f"{path} does not match the sha256 in {CONFIG_FILE} (corrupt or replaced)")
     try:
-        stored = load_file(str(path))
+        return path, load_file(str(path))
     except (SafetensorError, OSError) as error:
         raise CheckpointCorruptError(f"{path} cannot be read ({error})") from error
+
+
+def load_variables(directory: str | os.PathLike, config: dict[str, Any], abstract) -> Any:
+    """The variables stored in ``directory``, shaped as ``abstract`` (a pytree of ShapeDtypeStructs).
+
+    Raises CheckpointCorruptError when the weights file is missing, does not match ``config``'s checksum,
+    cannot be parsed, or lacks, adds or reshapes a variable.
+    """
+    path, stored = _stored(directory, config)
     expected = _leaves(abstract)
     if stored.keys() != expected.keys():
         missing, extra = sorted(expected.keys() - stored.keys()), sorted(stored.keys() - expected.keys())
@@ -130,3 +134,16 @@ def load_variables(directory: str | os.PathLike, config: dict[str, Any], abstrac
             raise CheckpointCorruptError(f"{path}: {key} has shape {stored[key].shape}, its config gives {leaf.shape}")
     leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract)
     return jax.tree_util.tree_unflatten(treedef, [stored[_key(path)].astype(leaf.dtype) for path, leaf in leaves])
+
+
+def load_matching(directory: str | os.PathLike, config: dict[str, Any], fallback) -> tuple[Any, list[str]]:
+    """``fallback`` (a pytree of arrays) with every variable stored in ``directory`` under the same name and
+    shape put in its place, and the names of those variables (the rest keep ``fallback``'s values).
+
+    Raises CheckpointCorruptError as ``load_variables`` does for the file itself.
+    """
+    _, stored = _stored(directory, config)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(fallback)
+    taken = [_key(p) for p, leaf in leaves if _key(p) in stored and stored[_key(p)].shape == leaf.shape]
+    values = [stored[_key(p)].astype(leaf.dtype) if _key(p) in taken else leaf for p, leaf in leaves]
+    return jax.tree_util.tree_unflatten(treedef, values), taken

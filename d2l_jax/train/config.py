@@ -170,7 +170,9 @@ class RunConfig:
     ``init_from``: a pretrained hypernetwork (a shipped name such as ``"smollm2-135m-niah"`` or a
     ``save_pretrained`` directory) or a training workdir (or its ``checkpoints`` folder) whose latest
     hypernetwork parameters start this run, with a fresh optimizer and schedule (fine-tuning on other data, e.g. longer contexts);
-    ignored once this run has checkpoints of its own, which resume it. ``init_without_b``: start from
+    ignored once this run has checkpoints of its own, which resume it. ``init_partial``: take from a pretrained
+    ``init_from`` only the variables of this run's names and shapes (e.g. a needle hypernetwork's Perceiver
+    under a head of another layout); the rest start fresh. ``init_without_b``: start from
     ``init_from`` with the head's B outputs and the bias B at zero (``hypernet.head.without_generated_b``), so
     the student begins as the base model while the hypernetwork keeps how it reads documents.
     """
@@ -188,6 +190,7 @@ class RunConfig:
     log_every: int = 10
     time_limit_minutes: float = 0.0
     init_from: str = ""
+    init_partial: bool = False
     init_without_b: bool = False
 
     def to_json(self) -> dict[str, Any]:

@@ -75,13 +75,15 @@ def training_batch_stream(run: RunConfig, base: BaseModel, stats: RecordStats | 
     )
 
 
-def initial_params(init_from: str | Path, trainer: Trainer, identity: dict[str, Any]):
+def initial_params(init_from: str | Path, trainer: Trainer, identity: dict[str, Any], partial: bool = False):
     """The hypernetwork variables (parameters and statistics) that ``init_from`` names, placed on
     ``trainer``'s mesh: a pretrained hypernetwork (a shipped name or a ``save_pretrained`` directory) or the
-    latest checkpoint of a training run's workdir (or its ``checkpoints`` folder).
+    latest checkpoint of a training run's workdir (or its ``checkpoints`` folder). With ``partial`` (a
+    pretrained hypernetwork only) the variables of other names or shapes start fresh, and the names taken
+    are logged.
 
     Raises FileNotFoundError for a run without checkpoints, CheckpointMismatchError for another base model
-    and ValueError when that hypernetwork has other parameter shapes than ``trainer``'s.
+    and ValueError when that hypernetwork has other parameter shapes than ``trainer``'s (without ``partial``).
     """
     shapes = lambda hyper: jax.tree.map(lambda x: x.shape, abstract_hypernet(hyper, trainer.base))
 
@@ -91,13 +93,20 @@ def initial_params(init_from: str | Path, trainer: Trainer, identity: dict[str, 
 
     state = trainer.abstract_state()
     abstract = join_stats(state.params, state.stats)
+    shardings = jax.tree.map(lambda x: x.sharding, abstract)
     if (Path(init_from) / pretrained.WEIGHTS_FILE).is_file() or str(init_from) in pretrained.available():
         directory = pretrained.resolve(init_from)
         saved = pretrained.read_config(directory)
-        require_same_shapes(HypernetConfig.from_dict(saved["hypernet"])[0])
         check_base(saved["base_identity"], identity, directory)
-        variables = pretrained.load_variables(directory, saved, abstract)
-        return jax.device_put(variables, jax.tree.map(lambda x: x.sharding, abstract))
+        if partial:
+            fresh = trainer.init_state()
+            variables, taken = pretrained.load_matching(directory, saved, jax.device_get(join_stats(fresh.params, fresh.stats)))
+            log.info("init_from %s: took %d of %d variables (%s)", init_from, len(taken), len(jax.tree.leaves(abstract)), ", ".join(taken))
+            return jax.device_put(variables, shardings)
+        require_same_shapes(HypernetConfig.from_dict(saved["hypernet"])[0])
+        return jax.device_put(pretrained.load_variables(directory, saved, abstract), shardings)
+    if partial:
+        raise ValueError(f"init_partial needs init_from to name a pretrained hypernetwork, not the run {str(init_from)!r}")
     checkpoints = Checkpointer.of_run(init_from)
     try:
         step = checkpoints.latest_step()
@@ -183,7 +192,7 @@ def _train(run: RunConfig, workdir: Path, base, evaluator, stop_after, resume_st
         raise FileNotFoundError(f"resume_step={resume_step}: {workdir / 'checkpoints'} holds no checkpoint")
     elif run.init_from:
         # A fresh optimizer state is zeros whatever the parameters' values, so only the parameters change.
-        params, stats = split_stats(initial_params(run.init_from, trainer, identity))
+        params, stats = split_stats(initial_params(run.init_from, trainer, identity, partial=run.init_partial))
         if run.init_without_b:
             params = dict(params, head=jax.jit(without_generated_b, static_argnums=(1, 2))(params["head"], run.hypernet, trainer.base))
         state, step = trainer.init_state().replace(params=params, stats=stats), 0

@@ -193,6 +193,10 @@ class RunConfig:
     init_partial: bool = False
     init_without_b: bool = False
 
+    def __post_init__(self):
+        if (self.init_partial or self.init_without_b) and not self.init_from:
+            raise ValueError("init_partial and init_without_b change what init_from loads: give init_from too")
+
     def to_json(self) -> dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self)))
 

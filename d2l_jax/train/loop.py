@@ -19,10 +19,10 @@ from d2l_jax.data.chunking import document_affixes
 from d2l_jax.data.examples import ChunkSampling, TrainExampleBuilder
 from d2l_jax.data.pipeline import RecordStats, training_batches
 from d2l_jax.data.sources import make_sources
-from d2l_jax.hypernet.hypernet import abstract_hypernet, join_stats, split_stats
-from d2l_jax.models.base_model import BaseModel
 from d2l_jax.hypernet.config import HypernetConfig
 from d2l_jax.hypernet.head import without_generated_b
+from d2l_jax.hypernet.hypernet import abstract_hypernet, join_stats, split_stats
+from d2l_jax.models.base_model import BaseModel
 from d2l_jax.train.checkpoint import CheckpointCorruptError, Checkpointer, CheckpointMismatchError, base_identity, check_base
 from d2l_jax.train.config import RunConfig
 from d2l_jax.train.metrics import MetricsWriter, StopOnSignal

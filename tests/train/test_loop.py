@@ -178,12 +178,14 @@ def test_init_from_a_pretrained_directory(base, straight, tmp_path):
 
     # Partial: the variables of the same name and shape come from the pretrained one, the rest start fresh.
     train(dataclasses.replace(wider, init_partial=True), tmp_path / "partial", base=base, stop_after=0)
-    train(dataclasses.replace(wider, init_from=""), tmp_path / "fresh", base=base, stop_after=0)
+    train(dataclasses.replace(wider, init_from="", init_partial=False), tmp_path / "fresh", base=base, stop_after=0)
     partial, fresh = (D2L.load(tmp_path / name, base=base).params for name in ("partial", "fresh"))
     taken = jax.tree.map(lambda p, f, t: np.array_equal(p, t) if p.shape == t.shape else np.array_equal(p, f), partial, fresh, _like(partial, trained.params))
     assert all(jax.tree.leaves(taken))
     same_shape = jax.tree.leaves(jax.tree.map(lambda p, t: p.shape == t.shape, partial, _like(partial, trained.params)))
     assert any(same_shape) and not all(same_shape)
+    with pytest.raises(ValueError, match="give init_from too"):
+        dataclasses.replace(RUN, init_without_b=True)
     with pytest.raises(ValueError, match="init_partial needs init_from to name a pretrained hypernetwork"):
         train(dataclasses.replace(RUN, init_from=str(straight), init_partial=True), tmp_path / "run", base=base, stop_after=0)
 

@@ -39,8 +39,9 @@ MAX_BAD_RECORD_WARNINGS = 10
 class RecordStats:
     """What one process's training stream has done with its records, counted as the stream yields them.
 
-    Process-local statistics: they are not part of the data iterator's checkpoint and start from zero when
-    a run resumes; records that grain builds ahead but the stream has not yet reached are not counted.
+    Process-local statistics, saved with each checkpoint beside the data iterator's state (``as_dict``) and
+    restored with it (``restore``), so a resumed run counts on; records that grain builds ahead but the
+    stream has not yet reached are not counted.
 
     Attributes:
       records: records taken, bad ones included.
@@ -51,6 +52,15 @@ class RecordStats:
     records: int = 0
     bad: int = 0
     dropped: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return dataclasses.asdict(self)
+
+    def restore(self, saved: dict[str, int]) -> None:
+        """Sets the counters to ``saved`` (``as_dict``'s; fields it lacks are left as they are)."""
+        for field in dataclasses.fields(self):
+            if field.name in saved:
+                setattr(self, field.name, int(saved[field.name]))
 
     def as_metrics(self) -> dict[str, float]:
         """The counters as metrics: ``records_read``, ``bad_records``, ``dropped_examples``."""

@@ -124,6 +124,7 @@ class Checkpointer:
                 "config": ocp.JsonCheckpointHandler(),
                 "base": ocp.JsonCheckpointHandler(),
                 "checksums": ocp.JsonCheckpointHandler(),
+                "record_stats": ocp.JsonCheckpointHandler(),
             },
         )
 
@@ -141,10 +142,11 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, step: int, state, config: dict, base: dict, data_iterator=None, force: bool = False) -> bool:
+    def save(self, step: int, state, config: dict, base: dict, data_iterator=None, record_stats: dict | None = None, force: bool = False) -> bool:
         """Starts saving ``state`` (a TrainState) at ``step``, with the checksums of its arrays; returns
         whether a save started. The ``params`` item holds the hypernetwork's variables (parameters and
-        statistics: all that inference reads).
+        statistics: all that inference reads); ``record_stats`` (JSON) the data stream's counters at that
+        point (``read_record_stats``).
 
         Raises FloatingPointError, saving nothing, when a parameter or statistic is not finite."""
         variables = join_stats(state.params, state.stats)
@@ -160,6 +162,8 @@ class Checkpointer:
         )
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+        if record_stats is not None:
+            items["record_stats"] = ocp.args.JsonSave(record_stats)
         return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
 
     def _step(self, step: int | None) -> int:
@@ -213,6 +217,12 @@ class Checkpointer:
     def read_json(self, item: str, step: int | None = None) -> dict:
         step = self._step(step)
         return self._restore(step, **{item: ocp.args.JsonRestore()})[item]
+
+    def read_record_stats(self, step: int) -> dict:
+        """The data stream's counters saved with ``step``; ``{}`` for a checkpoint saved without them."""
+        if not (self.directory / str(step) / "record_stats").is_dir():
+            return {}
+        return self.read_json("record_stats", step)
 
     def restore_params(self, abstract_variables, base: dict, step: int | None = None):
         """The hypernetwork's variables at ``step`` (by default the newest step that verifies), placed like

@@ -184,6 +184,7 @@ def _train(run: RunConfig, workdir: Path, base, evaluator, stop_after, resume_st
     if checkpoints.latest_step() is not None:
         _check_resumable(run, checkpoints)
         state, step = checkpoints.restore(trainer.abstract_state(), identity, batches, step=resume_step)
+        record_stats.restore(checkpoints.read_record_stats(step))
         if resume_step is None and checkpoints.rejected_steps and jax.process_index() == 0:
             for path in checkpoints.set_aside(checkpoints.rejected_steps):
                 log.warning("set aside the corrupt checkpoint as %s", path)
@@ -211,7 +212,7 @@ def _train(run: RunConfig, workdir: Path, base, evaluator, stop_after, resume_st
     def save(force: bool = False) -> None:
         nonlocal saved_at
         if saved_at != step:  # the last step may also be a periodic checkpoint's
-            checkpoints.save(step, state, run.to_json(), identity, data_iterator=batches, force=force)
+            checkpoints.save(step, state, run.to_json(), identity, data_iterator=batches, record_stats=record_stats.as_dict(), force=force)
             saved_at = step
 
     limit = run.time_limit_minutes * 60 or float("inf")

@@ -63,6 +63,11 @@ def losses(workdir):
     return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
+def record_counts(workdir):
+    rows = [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: (r["data/records_read"], r["data/dropped_examples"]) for r in rows if "data/records_read" in r}
+
+
 def files(directory):
     return sorted((str(p.relative_to(directory)), p.stat().st_size) for p in Path(directory).rglob("*") if p.is_file())
 
@@ -73,6 +78,7 @@ def test_resume_continues_exactly(base, straight, tmp_path):
     result = train(RUN, tmp_path, base=base)
     assert result["step"] == 6
     assert losses(tmp_path) == losses(straight)  # same data order and same numbers, bitwise
+    assert record_counts(tmp_path) == record_counts(straight)  # the stream's counters went on from the checkpoint
     resumed, reference = D2L.load(tmp_path, base=base), D2L.load(straight, base=base)
     jax.tree.map(np.testing.assert_array_equal, resumed.params, reference.params)
     assert sorted(losses(straight)) == [1, 2, 3, 4, 5, 6]

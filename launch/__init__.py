@@ -1,0 +1,36 @@
+"""The absl entry points (``python -m launch.NAME``); each calls :func:`run` instead of ``absl.app.run``."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import sys
+from pathlib import Path
+
+from absl import app
+
+TRACEBACK_VARIABLE = "D2L_TRACEBACK"
+# What bad input raises: the library's own errors (all ValueError, OSError or ImportError subclasses, or
+# defined in d2l_jax) and absl's usage errors.
+_INPUT_ERRORS = (app.UsageError, ValueError, OSError, ImportError, pickle.UnpicklingError)
+
+
+def _is_input_error(error: BaseException) -> bool:
+    return isinstance(error, _INPUT_ERRORS) or type(error).__module__.startswith("d2l_jax.")
+
+
+def run(main) -> None:
+    """``absl.app.run(main)``, with an error about the user's input (a bad flag value, a missing file, a
+    corrupt checkpoint...) printed as one line, ``launch.NAME: message``, and exit status 1; with the
+    environment variable ``D2L_TRACEBACK=1`` it propagates with its traceback instead."""
+    name = f"launch.{Path(sys.argv[0]).stem}"
+
+    def guarded(argv):
+        try:
+            return main(argv)
+        except Exception as error:
+            if not _is_input_error(error) or os.environ.get(TRACEBACK_VARIABLE) == "1":
+                raise
+            sys.exit(f"{name}: {error}")
+
+    app.run(guarded)

@@ -16,6 +16,8 @@ from pathlib import Path
 
 from absl import app, flags
 
+from launch import run
+
 _PRETRAINED = flags.DEFINE_string("pretrained", None, "pretrained name or directory")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "training workdir (instead of --pretrained)")
 _DOCUMENT = flags.DEFINE_string("document", None, "text file to internalize", required=True)
@@ -56,4 +58,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run(main)

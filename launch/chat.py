@@ -27,6 +27,8 @@ from typing import TYPE_CHECKING, TextIO
 
 from absl import app, flags, logging
 
+from launch import run
+
 if TYPE_CHECKING:  # the library loads in main, after the flags are checked
     from d2l_jax.session import ChatSession
 
@@ -192,4 +194,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run(main)

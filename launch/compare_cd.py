@@ -17,12 +17,13 @@ import json
 from pathlib import Path
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from d2l_jax.api import D2L
 from d2l_jax.data.niah import cell_records
 from d2l_jax.eval import plots
 from d2l_jax.eval.cd_comparison import compare_with_cd
+from launch import run
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "training workdir (or its checkpoints/ folder)", required=True)
 _OUT = flags.DEFINE_string("out", None, "JSON file to write", required=True)
@@ -58,4 +59,4 @@ def main(argv):
 if __name__ == "__main__":
     flags.mark_flag_as_required("checkpoint")
     flags.mark_flag_as_required("out")
-    app.run(main)
+    run(main)

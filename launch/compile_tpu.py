@@ -17,7 +17,9 @@ import json
 import os
 import sys
 
-from absl import app, flags
+from absl import flags
+
+from launch import run
 
 # Compile-only use opens no TPU, so it may share libtpu with other processes (libtpu otherwise takes a
 # machine-wide lock on load); set before anything in this process loads it.
@@ -97,4 +99,4 @@ def main(argv):
 
 if __name__ == "__main__":
     flags.mark_flag_as_required("config")
-    app.run(main)
+    run(main)

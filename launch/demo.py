@@ -23,6 +23,7 @@ from pathlib import Path
 
 from absl import app, flags, logging
 
+from launch import run
 from launch.chat import check_model_flags, load_d2l, read_document, session_flags
 
 # The model, document and session flags are launch.chat's (--pretrained, --checkpoint, --step, --doc, --scale,
@@ -203,4 +204,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run(main)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from d2l_jax.api import D2L
@@ -21,6 +21,7 @@ from d2l_jax.eval import plots, sweep
 from d2l_jax.eval.results_store import RESULTS_FILE
 from d2l_jax.models.base_model import BaseExecution
 from d2l_jax.train.checkpoint import Checkpointer
+from launch import run
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "evaluation config file (ml_collections)", lock_config=True)
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "training workdir (or its checkpoints/ folder)", required=True)
@@ -74,4 +75,4 @@ def main(argv):
 
 if __name__ == "__main__":
     flags.mark_flag_as_required("config")
-    app.run(main)
+    run(main)

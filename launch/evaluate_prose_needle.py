@@ -17,6 +17,8 @@ from pathlib import Path
 
 from absl import app, flags
 
+from launch import run
+
 _PRETRAINED = flags.DEFINE_string("pretrained", None, "pretrained name or directory")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "training workdir (instead of --pretrained)")
 _STEP = flags.DEFINE_integer("step", None, "checkpoint step (latest by default)")
@@ -64,4 +66,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run(main)

@@ -25,6 +25,7 @@ from d2l_jax.data.qa_sets import QA_FORMATS, QASource
 from d2l_jax.eval import plots
 from d2l_jax.eval.qa_methods import D2L_METHODS, METHODS, gap_lines, markdown_table, plan_documents, run_comparison, summarize
 from d2l_jax.models.base_model import load_base_model
+from launch import run
 
 _DATA = flags.DEFINE_string("data", None, "QA data file (SQuAD / ROPES JSON, DROP, LongBench or records)", required=True)
 _FORMAT = flags.DEFINE_enum("format", None, list(QA_FORMATS), "the data file's format (default: detected)")
@@ -94,4 +95,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run(main)

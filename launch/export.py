@@ -17,6 +17,8 @@ from pathlib import Path
 
 from absl import app, flags
 
+from launch import run
+
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "training workdir (or its checkpoints folder)", required=True)
 _STEP = flags.DEFINE_integer("step", None, "checkpoint step (default: the latest)")
 _OUT = flags.DEFINE_string("out", None, "directory to write", required=True)
@@ -71,4 +73,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run(main)

@@ -8,6 +8,8 @@ from pathlib import Path
 
 from absl import app, flags
 
+from launch import run
+
 import d2l_jax
 
 _MODEL = flags.DEFINE_string("model", "smollm2-135m-instruct", "Embedded model name, .gguf file or HF directory.")
@@ -48,4 +50,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run(main)

@@ -21,6 +21,7 @@ from absl import app, flags
 
 from d2l_jax.data import self_gen
 from d2l_jax.models.base_model import load_base_model
+from launch import run
 
 _DOCUMENTS = flags.DEFINE_string("documents", None, "Documents to write questions about (.txt, a directory of .txt, .jsonl or .parquet).")
 _QUESTIONS_FROM = flags.DEFINE_string(
@@ -71,4 +72,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run(main)

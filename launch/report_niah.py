@@ -19,6 +19,7 @@ from d2l_jax.data.niah import NIAHSource
 from d2l_jax.eval import niah
 from d2l_jax.eval.plots import learning_curve
 from d2l_jax.train.config import RunConfig
+from launch import run
 
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "training workdir (config.json, metrics.jsonl, checkpoints/)", required=True
@@ -58,4 +59,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run(main)

@@ -12,7 +12,9 @@ import json
 import logging
 import sys
 
-from absl import app, flags
+from absl import flags
+
+from launch import run
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file (ml_collections)", lock_config=True)
@@ -51,4 +53,4 @@ def main(argv):
 
 if __name__ == "__main__":
     flags.mark_flag_as_required("config")
-    app.run(main)
+    run(main)

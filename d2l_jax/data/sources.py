@@ -10,7 +10,8 @@ A source is a name in :data:`SOURCES` and its options:
            one split of its questions, prompts in the closed-QA template. Options: ``path`` (required),
            ``format`` (None = detect), ``split`` (``"train"``; also ``"validation"``, ``"all"``),
            ``template`` (``"closed_qa"`` or ``"none"``), ``validation_share`` (None = the format's default),
-           ``context`` (``"passage"``, or ``"answer_sentence"``: the passage's sentences holding the answer).
+           ``context`` (``"passage"``, or ``"answer_sentence"``: the passage's sentences holding the answer;
+           several kinds give one source each, mixed equally).
 """
 
 from __future__ import annotations
@@ -59,10 +60,11 @@ def _records(tokenizer, seed: int, path: str) -> list[RecordSource]:
 
 def _qa(
     tokenizer, seed: int, path: str, format: str | None = None, split: str = "train", template: str = "closed_qa",
-    validation_share: float | None = None, context: str = "passage",
+    validation_share: float | None = None, context: str | tuple[str, ...] = "passage",
 ) -> list[QASource]:
     del tokenizer, seed  # the file holds finished questions; the split is fixed by the groups' hashes
-    return [QASource(path, format, split, template, validation_share, context)]
+    kinds = (context,) if isinstance(context, str) else tuple(context)
+    return [QASource(path, format, split, template, validation_share, kind) for kind in kinds]
 
 
 SOURCES: dict[str, Callable[..., list]] = {"niah": _niah, "records": _records, "qa": _qa}

@@ -319,6 +319,8 @@ def test_the_qa_source_can_serve_answer_sentences(tmp_path):
     [source] = make_sources(SourceConfig("qa", {"path": str(path), "split": "all", "context": "answer_sentence"}), None, 0)
     assert [r["context"] for r in source] == ["Its keeper, Ada Byron, lived in Lisbon!", PASSAGE]
     assert [r["response"] for r in source] == ["Ada Byron", "Paris"] and source[0]["group"] == QASource(path, split="all")[0]["group"]
+    both = make_sources(SourceConfig("qa", {"path": str(path), "split": "all", "context": ["answer_sentence", "passage"]}), None, 0)
+    assert [s.context for s in both] == ["answer_sentence", "passage"] and both[1][0]["context"] == PASSAGE
     with pytest.raises(ValueError, match=r"context='sentence'; expected one of \('passage', 'answer_sentence'\)"):
         QASource(path, context="sentence")
 

@@ -1,14 +1,16 @@
 """Real-document QA meta-training of a CPU-sized D2L on the embedded SmolLM2-135M-Instruct.
 
-    python -m launch.train --config=experiments/qa_smollm2.py --workdir=runs/qa \\
-        --config.data.source.options.path=../shared/data/qa/squad-train-v1.1.json.gz
+    python -m launch.train --config=experiments/qa_smollm2.py --workdir=runs/qa          # variant kl
+    python -m launch.train --config=experiments/qa_smollm2.py:mixed --workdir=runs/mixed
 
 The reference's main recipe (top-16 KL to the teacher, the base model with the paragraph in its prompt; the
 student sees the question alone; closed-QA prompts; L1 0.1 on the combined adapters) with the changes each
-field's comment names, sized so that a run learns within about two hours on a 2-core CPU. Validation every
-``eval_every`` steps: QA token F1 on held-out SQuAD articles of the student without the paragraph, of the
-control (another paragraph's adapter), and at step 0 the base model with and without the paragraph. Runs and
-their curves: ``results/qa_smollm2/``.
+field's comment names, sized so that a run learns within about two hours on a 2-core CPU, starting from the
+shipped needle hypernetwork's Perceiver. Variants: ``kl`` (answer sentences for 400 steps, then whole
+passages), ``mixed`` (both together throughout), ``ce`` (``kl`` on the gold answers, no teacher). Validation
+every ``eval_every`` steps: QA token F1 and the gold answer's log-likelihood on held-out SQuAD articles of the
+student without the paragraph, of the control (another paragraph's adapter), and at step 0 the base model
+with and without the paragraph. Runs and their curves: ``results/qa_smollm2/``.
 """
 
 import dataclasses

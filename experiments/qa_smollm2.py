@@ -7,7 +7,8 @@ The reference's main recipe (top-16 KL to the teacher, the base model with the p
 student sees the question alone; closed-QA prompts; L1 0.1 on the combined adapters) with the changes each
 field's comment names, sized so that a run learns within about two hours on a 2-core CPU, starting from the
 shipped needle hypernetwork's Perceiver. Variants: ``kl`` (answer sentences for 400 steps, then whole
-passages), ``mixed`` (both together throughout), ``ce`` (``kl`` on the gold answers, no teacher). Validation
+passages), ``mixed`` (both together throughout), ``ce`` (``kl`` on the gold answers, no teacher),
+``sentences`` (a diagnostic: answer sentences only, validated on held-out answer sentences). Validation
 every ``eval_every`` steps: QA token F1 and the gold answer's log-likelihood on held-out SQuAD articles of the
 student without the paragraph, of the control (another paragraph's adapter), and at step 0 the base model
 with and without the paragraph. Runs and their curves: ``results/qa_smollm2/``.
@@ -20,7 +21,7 @@ import ml_collections
 from d2l_jax.hypernet.config import HypernetConfig
 
 SQUAD = "../shared/data/qa/squad-train-v1.1.json.gz"
-VARIANTS = ("kl", "ce", "mixed")
+VARIANTS = ("kl", "ce", "mixed", "sentences")
 
 
 def get_config(variant: str = "kl") -> ml_collections.ConfigDict:
@@ -98,4 +99,11 @@ def get_config(variant: str = "kl") -> ml_collections.ConfigDict:
         config.data.source = squad(("answer_sentence", "passage"))
         config.data.warmup_source = None
         config.data.warmup_steps = 0
+    if variant == "sentences":
+        # A diagnostic: answer sentences only, validated on held-out answer sentences, to see whether the
+        # hypernetwork carries a single fact when the document is that fact's sentence.
+        config.data.source = squad("answer_sentence")
+        config.data.warmup_source = None
+        config.data.warmup_steps = 0
+        config.evaluator.options.context = "answer_sentence"
     return config

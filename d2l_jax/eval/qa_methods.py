@@ -457,14 +457,16 @@ class QAEvaluator:
       questions: at least this many questions, whole documents (:func:`plan_documents`).
       max_new_tokens: reply budget (short replies keep validation cheap).
       seed: which documents.
+      context: what a document is (``data.qa_sets.CONTEXT_KINDS``): the passage, or the passage's sentences
+        that hold the answer (a diagnostic of whether single facts are carried).
     """
 
     def __init__(
         self, base: BaseModel, path: str, format: str | None = None, split: str = "validation", questions: int = 64,
-        max_new_tokens: int = 64, seed: int = 0,
+        max_new_tokens: int = 64, seed: int = 0, context: str = "passage",
     ):
         self.base, self.max_new_tokens = base, max_new_tokens
-        self.documents = plan_documents(QASource(path, format, split, template="none").records, questions, seed)
+        self.documents = plan_documents(QASource(path, format, split, template="none", context=context).records, questions, seed)
 
     def _scores(self, method: str, update: Update) -> dict[str, float]:
         records = evaluate_documents(self.base, method, update, self.documents, self.max_new_tokens)

@@ -155,3 +155,8 @@ def test_evaluator_reports_student_control_and_the_base_models_bounds(tiny_d2l, 
     metrics = evaluator(tiny_d2l)
     assert set(metrics) == {f"eval/{m}_{k}" for m in ("d2l", "d2l_control") for k in ("f1", "gold_log_likelihood")}
     assert all(np.isfinite(v) for v in metrics.values())
+    sentences = QAEvaluator(tiny_d2l.base, str(path), split="all", questions=5, max_new_tokens=4, context="answer_sentence")
+    assert {d.context for d in sentences.documents} == {
+        "The vault of the old bank in Lisbon opens with the code 4817.", "Lisbon lies on the Tagus river.",
+        "Its trams are yellow and climb steep hills.", PARAGRAPHS[2][1], PARAGRAPHS[3][1],
+    }

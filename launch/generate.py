@@ -8,9 +8,8 @@ from pathlib import Path
 
 from absl import app, flags
 
-from launch import run
-
 import d2l_jax
+from launch import run
 
 _MODEL = flags.DEFINE_string("model", "smollm2-135m-instruct", "Embedded model name, .gguf file or HF directory.")
 _PROMPT = flags.DEFINE_string("prompt", None, "The user message.", required=True)

@@ -13,9 +13,9 @@ import logging
 import sys
 
 from absl import flags
+from ml_collections import config_flags
 
 from launch import run
-from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file (ml_collections)", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "directory for checkpoints, metrics and the config", required=True)
@@ -40,10 +40,10 @@ def main(argv):
     from d2l_jax.train.loop import train
 
     logging.getLogger("d2l_jax").setLevel(logging.INFO)
-    run = parse_experiment(json.loads(_CONFIG.value.to_json()))
-    base = run.base_execution.load(run.model)
-    evaluator = make_evaluator(run.evaluator, base, seed=run.train.seed) if run.evaluator else None
-    result = train(run, _WORKDIR.value, base=base, evaluator=evaluator, resume_step=_RESUME_STEP.value)
+    experiment = parse_experiment(json.loads(_CONFIG.value.to_json()))
+    base = experiment.base_execution.load(experiment.model)
+    evaluator = make_evaluator(experiment.evaluator, base, seed=experiment.train.seed) if experiment.evaluator else None
+    result = train(experiment, _WORKDIR.value, base=base, evaluator=evaluator, resume_step=_RESUME_STEP.value)
     if jax.process_index() == 0:
         print(json.dumps(result, indent=2))
     if result["stopped_by"]:

@@ -75,19 +75,19 @@ def main(argv):
     from d2l_jax.train import aot
     from d2l_jax.train.config import parse_experiment
 
-    run = parse_experiment(json.loads(_CONFIG.value.to_json()))
+    experiment = parse_experiment(json.loads(_CONFIG.value.to_json()))
     try:
         chip, devices = aot.topology_devices(_TOPOLOGY.value)
-        mesh = sharding.make_mesh(parse_mesh(_MESH.value) if _MESH.value else dict(run.train.mesh), devices)
+        mesh = sharding.make_mesh(parse_mesh(_MESH.value) if _MESH.value else dict(experiment.train.mesh), devices)
     except ValueError as e:  # unknown topology, malformed mesh, or a mesh that does not match the slice
         sys.exit(str(e))
-    step = aot.compile_train_step(run, base_architecture(run.model), mesh)
+    step = aot.compile_train_step(experiment, base_architecture(experiment.model), mesh)
     report = {
         "config": config_flags.get_config_filename(flags.FLAGS["config"]),
         "overrides": {k: str(v) for k, v in config_flags.get_override_values(flags.FLAGS["config"]).items()},
-        "model": run.model,
+        "model": experiment.model,
     }
-    report.update(aot.compile_report(step, chip, _TOPOLOGY.value, run.train.steps))
+    report.update(aot.compile_report(step, chip, _TOPOLOGY.value, experiment.train.steps))
     print(summary(report))
     text = json.dumps(report, indent=2)
     if _OUT.value:

@@ -56,12 +56,12 @@ def main(argv):
         document = path.read_text()
     checkpoints = Checkpointer.of_run(_CHECKPOINT.value)
     try:
-        run = RunConfig.from_json(checkpoints.read_json("config", _STEP.value))
+        experiment = RunConfig.from_json(checkpoints.read_json("config", _STEP.value))
     finally:
         checkpoints.close()
     d2l = D2L.load(_CHECKPOINT.value, step=_STEP.value)
     if _TO.value == "pretrained":
-        out = d2l.save_pretrained(_OUT.value, description=_DESCRIPTION.value, base_execution=run.base_execution)
+        out = d2l.save_pretrained(_OUT.value, description=_DESCRIPTION.value, base_execution=experiment.base_execution)
         print(f"wrote {out} ({d2l.param_count():,} parameters)")
     elif _TO.value == "reference":
         out = d2l.save_reference_checkpoint(_OUT.value)

@@ -33,12 +33,12 @@ def main(argv):
     del argv
     workdir, out = Path(_WORKDIR.value), Path(_OUT.value)
     out.mkdir(parents=True, exist_ok=True)
-    run = RunConfig.from_json(json.loads((workdir / "config.json").read_text()))
-    if run.evaluator is None or run.evaluator.name != "niah":
-        raise app.UsageError(f"{workdir} is not a NIAH run (its evaluator is {run.evaluator}); there is no length bin to report on")
-    lo, hi = run.evaluator.options["bin"]
+    experiment = RunConfig.from_json(json.loads((workdir / "config.json").read_text()))
+    if experiment.evaluator is None or experiment.evaluator.name != "niah":
+        raise app.UsageError(f"{workdir} is not a NIAH run (its evaluator is {experiment.evaluator}); there is no length bin to report on")
+    lo, hi = experiment.evaluator.options["bin"]
     d2l = D2L.load(workdir)
-    source = NIAHSource(d2l.base.tokenizer, _SPLIT.value, lo, hi, _CONTEXTS.value, seed=run.train.seed)
+    source = NIAHSource(d2l.base.tokenizer, _SPLIT.value, lo, hi, _CONTEXTS.value, seed=experiment.train.seed)
     records = [source[i] for i in range(len(source))]
     student = niah.student_replies(d2l, records)
     result = {
@@ -54,7 +54,7 @@ def main(argv):
     (out / "accuracy.json").write_text(json.dumps(result, indent=2))
     shutil.copy(workdir / "config.json", out / "config.json")
     shutil.copy(workdir / "metrics.jsonl", out / "metrics.jsonl")
-    learning_curve(workdir / "metrics.jsonl", out / "learning_curve.png", title=f"D2L NIAH meta-training on {run.model}")
+    learning_curve(workdir / "metrics.jsonl", out / "learning_curve.png", title=f"D2L NIAH meta-training on {experiment.model}")
     print(json.dumps({k: v for k, v in result.items() if k != "student_examples"}, indent=2))
 
 

@@ -26,7 +26,7 @@ from d2l_jax.models.base_model import BaseModel
 from d2l_jax.train.checkpoint import CheckpointCorruptError, Checkpointer, CheckpointMismatchError, base_identity, check_base
 from d2l_jax.train.config import RunConfig
 from d2l_jax.train.metrics import MetricsWriter, StopOnSignal
-from d2l_jax.train.step import Trainer
+from d2l_jax.train.step import Trainer, TrainState
 from d2l_jax.train.workdir_lock import WorkdirLock
 
 log = logging.getLogger(__name__)
@@ -75,12 +75,12 @@ def training_batch_stream(run: RunConfig, base: BaseModel, stats: RecordStats | 
     )
 
 
-def initial_params(init_from: str | Path, trainer: Trainer, identity: dict[str, Any], partial: bool = False):
+def initial_params(init_from: str | Path, trainer: Trainer, identity: dict[str, Any], fresh: TrainState | None = None):
     """The hypernetwork variables (parameters and statistics) that ``init_from`` names, placed on
     ``trainer``'s mesh: a pretrained hypernetwork (a shipped name or a ``save_pretrained`` directory) or the
-    latest checkpoint of a training run's workdir (or its ``checkpoints`` folder). With ``partial`` (a
-    pretrained hypernetwork only) the variables of other names or shapes start fresh, and the names taken
-    are logged.
+    latest checkpoint of a training run's workdir (or its ``checkpoints`` folder). Given a ``fresh`` state (a
+    partial start; a pretrained hypernetwork only), the variables of other names or shapes keep its values,
+    and the names taken are logged.
 
     Raises FileNotFoundError for a run without checkpoints, CheckpointMismatchError for another base model
     and ValueError when that hypernetwork has other parameter shapes than ``trainer``'s (without ``partial``).
@@ -98,14 +98,13 @@ def initial_params(init_from: str | Path, trainer: Trainer, identity: dict[str, 
         directory = pretrained.resolve(init_from)
         saved = pretrained.read_config(directory)
         check_base(saved["base_identity"], identity, directory)
-        if partial:
-            fresh = trainer.init_state()
+        if fresh is not None:
             variables, taken = pretrained.load_matching(directory, saved, jax.device_get(join_stats(fresh.params, fresh.stats)))
             log.info("init_from %s: took %d of %d variables (%s)", init_from, len(taken), len(jax.tree.leaves(abstract)), ", ".join(taken))
             return jax.device_put(variables, shardings)
         require_same_shapes(HypernetConfig.from_dict(saved["hypernet"])[0])
         return jax.device_put(pretrained.load_variables(directory, saved, abstract), shardings)
-    if partial:
+    if fresh is not None:
         raise ValueError(f"init_partial needs init_from to name a pretrained hypernetwork, not the run {str(init_from)!r}")
     checkpoints = Checkpointer.of_run(init_from)
     try:
@@ -193,10 +192,11 @@ def _train(run: RunConfig, workdir: Path, base, evaluator, stop_after, resume_st
         raise FileNotFoundError(f"resume_step={resume_step}: {workdir / 'checkpoints'} holds no checkpoint")
     elif run.init_from:
         # A fresh optimizer state is zeros whatever the parameters' values, so only the parameters change.
-        params, stats = split_stats(initial_params(run.init_from, trainer, identity, partial=run.init_partial))
+        fresh = trainer.init_state()
+        params, stats = split_stats(initial_params(run.init_from, trainer, identity, fresh if run.init_partial else None))
         if run.init_without_b:
             params = dict(params, head=jax.jit(without_generated_b, static_argnums=(1, 2))(params["head"], run.hypernet, trainer.base))
-        state, step = trainer.init_state().replace(params=params, stats=stats), 0
+        state, step = fresh.replace(params=params, stats=stats), 0
         log.info("initialised the hypernetwork from %s", run.init_from)
     else:
         state, step = trainer.init_state(), 0

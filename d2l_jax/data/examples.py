@@ -11,6 +11,11 @@ import numpy as np
 
 from d2l_jax.data.chunking import chunk_document, tokenize_document
 
+# A record's further questions about its context (``QASource(queries_per_context=...)``), each a dict of
+# QUERY_FIELDS; an example built from it keeps their tokens under the same key.
+EXTRA_QUERIES = "extra_queries"
+QUERY_FIELDS = ("prompt", "response")
+
 
 @dataclasses.dataclass(frozen=True)
 class BatchShapes:
@@ -18,6 +23,7 @@ class BatchShapes:
 
     max_chunk_len: tokens per chunk row (chat affixes included).
     chunks_per_context: chunk rows reserved per context (the most chunks one context may have).
+    queries_per_context: query rows per context (its questions that share its adapter).
     max_student_len / max_teacher_len: tokens of the student sequence (no context) and the teacher's.
     max_labels: response tokens scored per row (the response plus the end-of-turn token).
     top_k: teacher entries per label for offline targets.
@@ -29,6 +35,7 @@ class BatchShapes:
     max_labels: int
     max_teacher_len: int = 0
     top_k: int = 16
+    queries_per_context: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,7 +90,8 @@ class TrainExampleBuilder:
 
     The output dict holds ``chunks`` (list of id lists), ``tokens``/``label_start``/``label_end`` for the
     student and, with ``with_teacher``, ``teacher_tokens``/``teacher_label_start``; records with
-    ``teacher_log_probs``/``teacher_ids`` ([labels, K]) pass them through for the offline teacher.
+    ``teacher_log_probs``/``teacher_ids`` ([labels, K]) pass them through for the offline teacher. A record's
+    ``extra_queries`` become a list of such query dicts (student and teacher keys) under the same key.
     """
 
     def __init__(self, tokenizer, affixes, stop_ids, max_chunk_len: int, sampling: ChunkSampling = ChunkSampling(), with_teacher: bool = False):
@@ -94,22 +102,33 @@ class TrainExampleBuilder:
         ids = tokenize_document(self.tokenizer, record["context"], self.affixes)
         fewest = len(chunk_document(ids, self.affixes, self.max_chunk_len))
         pieces = self.sampling.draw(len(ids), fewest, rng)
-        example = {"chunks": chunk_document(ids, self.affixes, self.max_chunk_len, pieces)}
-        tokens, start, end = sequence_with_labels(
-            self.tokenizer, student_messages(record["prompt"], record["response"]), self.stop_ids
-        )
-        example.update(tokens=tokens, label_start=start, label_end=end)
-        if self.with_teacher:
-            teacher, t_start, t_end = sequence_with_labels(
-                self.tokenizer, student_messages(record["prompt"], record["response"], record["context"]), self.stop_ids
-            )
-            if teacher[t_start:t_end] != tokens[start:end]:
-                raise ValueError("teacher and student label tokens differ")
-            example.update(teacher_tokens=teacher, teacher_label_start=t_start)
+        example = {"chunks": chunk_document(ids, self.affixes, self.max_chunk_len, pieces), **self._query(record, record["context"])}
         for key in ("teacher_log_probs", "teacher_ids"):
             if key in record:
                 example[key] = np.asarray(record[key])
+        extra = record.get(EXTRA_QUERIES)
+        if extra:
+            if "teacher_ids" in record:
+                raise ValueError(f"a record with offline teacher targets cannot have {EXTRA_QUERIES}")
+            example[EXTRA_QUERIES] = [self._query(query, record["context"]) for query in extra]
         return example
+
+    def _query(self, query: dict[str, Any], context: str) -> dict[str, Any]:
+        tokens, start, end = sequence_with_labels(self.tokenizer, student_messages(query["prompt"], query["response"]), self.stop_ids)
+        out = dict(tokens=tokens, label_start=start, label_end=end)
+        if self.with_teacher:
+            teacher, t_start, t_end = sequence_with_labels(
+                self.tokenizer, student_messages(query["prompt"], query["response"], context), self.stop_ids
+            )
+            if teacher[t_start:t_end] != tokens[start:end]:
+                raise ValueError("teacher and student label tokens differ")
+            out.update(teacher_tokens=teacher, teacher_label_start=t_start)
+        return out
+
+
+def queries(example: dict[str, Any]) -> list[dict[str, Any]]:
+    """The example's questions: itself (its first question's keys) and its ``extra_queries``."""
+    return [example, *example.get(EXTRA_QUERIES, ())]
 
 
 def fits(example: dict[str, Any], shapes: BatchShapes) -> bool:
@@ -117,9 +136,13 @@ def fits(example: dict[str, Any], shapes: BatchShapes) -> bool:
     return (
         len(example["chunks"]) <= shapes.chunks_per_context
         and max(map(len, example["chunks"])) <= shapes.max_chunk_len
-        and len(example["tokens"]) <= shapes.max_student_len
-        and example["label_end"] - example["label_start"] <= shapes.max_labels
-        and len(example.get("teacher_tokens", ())) <= shapes.max_teacher_len
+        and len(queries(example)) <= shapes.queries_per_context
+        and all(
+            len(q["tokens"]) <= shapes.max_student_len
+            and q["label_end"] - q["label_start"] <= shapes.max_labels
+            and len(q.get("teacher_tokens", ())) <= shapes.max_teacher_len
+            for q in queries(example)
+        )
     )
 
 
@@ -139,56 +162,62 @@ def collate(examples: Sequence[dict[str, Any]], shapes: BatchShapes, micro_batch
 def _collate_micro_batch(examples: Sequence[dict[str, Any]], s: BatchShapes) -> dict[str, np.ndarray]:
     b = len(examples)
     chunk_rows = b * s.chunks_per_context
+    rows = b * s.queries_per_context  # context g's questions are rows g * queries_per_context + j
     out = {
         "ctx_tokens": np.zeros((chunk_rows, s.max_chunk_len), np.int32),
         "ctx_mask": np.zeros((chunk_rows, s.max_chunk_len), np.int32),
         "chunk_document": np.full((chunk_rows,), b, np.int32),
         "chunk_slot": np.zeros((chunk_rows,), np.int32),
         "num_chunks": np.zeros((b,), np.int32),
-        "tokens": np.zeros((b, s.max_student_len), np.int32),
-        "mask": np.zeros((b, s.max_student_len), np.int32),
-        "label_positions": np.zeros((b, s.max_labels), np.int32),
-        "labels": np.zeros((b, s.max_labels), np.int32),
-        "label_mask": np.zeros((b, s.max_labels), np.int32),
+        "tokens": np.zeros((rows, s.max_student_len), np.int32),
+        "mask": np.zeros((rows, s.max_student_len), np.int32),
+        "label_positions": np.zeros((rows, s.max_labels), np.int32),
+        "labels": np.zeros((rows, s.max_labels), np.int32),
+        "label_mask": np.zeros((rows, s.max_labels), np.int32),
     }
     if "teacher_tokens" in examples[0]:
         out.update(
-            teacher_tokens=np.zeros((b, s.max_teacher_len), np.int32),
-            teacher_mask=np.zeros((b, s.max_teacher_len), np.int32),
-            teacher_label_positions=np.zeros((b, s.max_labels), np.int32),
+            teacher_tokens=np.zeros((rows, s.max_teacher_len), np.int32),
+            teacher_mask=np.zeros((rows, s.max_teacher_len), np.int32),
+            teacher_label_positions=np.zeros((rows, s.max_labels), np.int32),
         )
     if "teacher_ids" in examples[0]:
         out.update(
-            teacher_log_probs=np.full((b, s.max_labels, s.top_k), -np.inf, np.float32),
-            teacher_ids=np.zeros((b, s.max_labels, s.top_k), np.int32),
+            teacher_log_probs=np.full((rows, s.max_labels, s.top_k), -np.inf, np.float32),
+            teacher_ids=np.zeros((rows, s.max_labels, s.top_k), np.int32),
         )
-    row = 0
+    chunk_row = 0
     for g, ex in enumerate(examples):
         if not fits(ex, s):
             raise ValueError(
-                f"example {g} ({len(ex['chunks'])} chunks, {len(ex['tokens'])} student tokens, "
+                f"example {g} ({len(ex['chunks'])} chunks, {len(queries(ex))} questions, {len(ex['tokens'])} student tokens, "
                 f"{ex['label_end'] - ex['label_start']} labels) exceeds the batch shapes {s}"
             )
         for slot, chunk in enumerate(ex["chunks"]):
-            out["ctx_tokens"][row, : len(chunk)] = chunk
-            out["ctx_mask"][row, : len(chunk)] = 1
-            out["chunk_document"][row], out["chunk_slot"][row] = g, slot
-            row += 1
+            out["ctx_tokens"][chunk_row, : len(chunk)] = chunk
+            out["ctx_mask"][chunk_row, : len(chunk)] = 1
+            out["chunk_document"][chunk_row], out["chunk_slot"][chunk_row] = g, slot
+            chunk_row += 1
         out["num_chunks"][g] = len(ex["chunks"])
-        tokens, start, end = ex["tokens"], ex["label_start"], ex["label_end"]
-        n = end - start
-        out["tokens"][g, : len(tokens)] = tokens
-        out["mask"][g, : len(tokens)] = 1
-        out["label_positions"][g, :n] = np.arange(start, end) - 1
-        out["labels"][g, :n] = tokens[start:end]
-        out["label_mask"][g, :n] = 1
-        if "teacher_tokens" in out:
-            teacher = ex["teacher_tokens"]
-            out["teacher_tokens"][g, : len(teacher)] = teacher
-            out["teacher_mask"][g, : len(teacher)] = 1
-            out["teacher_label_positions"][g, :n] = np.arange(ex["teacher_label_start"], ex["teacher_label_start"] + n) - 1
-        if "teacher_ids" in out:
-            k = min(s.top_k, ex["teacher_ids"].shape[-1])
-            out["teacher_log_probs"][g, :n, :k] = ex["teacher_log_probs"][:n, :k]
-            out["teacher_ids"][g, :n, :k] = ex["teacher_ids"][:n, :k]
+        for j, query in enumerate(queries(ex)):
+            _put_query(out, g * s.queries_per_context + j, query, s.top_k)
     return out
+
+
+def _put_query(out: dict[str, np.ndarray], row: int, query: dict[str, Any], top_k: int) -> None:
+    tokens, start, end = query["tokens"], query["label_start"], query["label_end"]
+    n = end - start
+    out["tokens"][row, : len(tokens)] = tokens
+    out["mask"][row, : len(tokens)] = 1
+    out["label_positions"][row, :n] = np.arange(start, end) - 1
+    out["labels"][row, :n] = tokens[start:end]
+    out["label_mask"][row, :n] = 1
+    if "teacher_tokens" in out:
+        teacher = query["teacher_tokens"]
+        out["teacher_tokens"][row, : len(teacher)] = teacher
+        out["teacher_mask"][row, : len(teacher)] = 1
+        out["teacher_label_positions"][row, :n] = np.arange(query["teacher_label_start"], query["teacher_label_start"] + n) - 1
+    if "teacher_ids" in out:
+        k = min(top_k, query["teacher_ids"].shape[-1])
+        out["teacher_log_probs"][row, :n, :k] = query["teacher_log_probs"][:n, :k]
+        out["teacher_ids"][row, :n, :k] = query["teacher_ids"][:n, :k]

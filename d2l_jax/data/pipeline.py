@@ -15,7 +15,7 @@ import grain
 import numpy as np
 
 from d2l_jax.data.chunking import require_unicode_text
-from d2l_jax.data.examples import BatchShapes, TrainExampleBuilder, collate, fits
+from d2l_jax.data.examples import EXTRA_QUERIES, QUERY_FIELDS, BatchShapes, TrainExampleBuilder, collate, fits, queries
 
 log = logging.getLogger(__name__)
 
@@ -275,8 +275,9 @@ def require_fitting_records(source, builder, shapes: BatchShapes, probe: int = 1
         e = examples[0]
         raise ValueError(
             f"none of the first {len(examples)} records of {_source_name(source)} fits the batch shapes {shapes}; the first has "
-            f"{len(e['chunks'])} chunks of up to {max(map(len, e['chunks']))} tokens, {len(e['tokens'])} student tokens, "
-            f"{e['label_end'] - e['label_start']} labels and {len(e.get('teacher_tokens', ()))} teacher tokens"
+            f"{len(e['chunks'])} chunks of up to {max(map(len, e['chunks']))} tokens, {len(queries(e))} questions, "
+            f"{len(e['tokens'])} student tokens, {e['label_end'] - e['label_start']} labels and "
+            f"{len(e.get('teacher_tokens', ()))} teacher tokens"
         )
 
 
@@ -284,15 +285,30 @@ _JSON_TYPES = {dict: "object", list: "array", str: "string", int: "number", floa
 
 
 def record_problem(record: Mapping[str, Any]) -> str | None:
-    """What makes ``record`` unusable for training, or None: a field of RECORD_FIELDS that is missing,
-    null, not a string, empty (or only whitespace) or not valid Unicode text (or the problem a
-    ``RecordSource`` found, with the file and line, for the ``UNUSABLE`` marker it serves instead)."""
+    """What makes ``record`` unusable for training, or None: a field of RECORD_FIELDS (or of one of its
+    ``extra_queries``, ``prompt`` and ``response``) that is missing, null, not a string, empty (or only
+    whitespace) or not valid Unicode text (or the problem a ``RecordSource`` found, with the file and line,
+    for the ``UNUSABLE`` marker it serves instead)."""
     if UNUSABLE in record:
         return record[UNUSABLE]
-    missing = [k for k in RECORD_FIELDS if record.get(k) is None]
+    problem = _fields_problem(record, RECORD_FIELDS)
+    if problem:
+        return problem
+    extra = record.get(EXTRA_QUERIES, [])
+    if not isinstance(extra, list):
+        return f"field {EXTRA_QUERIES!r} must be a list, got {_JSON_TYPES.get(type(extra), type(extra).__name__)}"
+    for i, query in enumerate(extra):
+        problem = _fields_problem(query, QUERY_FIELDS) if isinstance(query, Mapping) else "not an object"
+        if problem:
+            return f"{EXTRA_QUERIES}[{i}]: {problem}"
+    return None
+
+
+def _fields_problem(record: Mapping[str, Any], fields: tuple[str, ...]) -> str | None:
+    missing = [k for k in fields if record.get(k) is None]
     if missing:
         return f"the record lacks {missing}"
-    for key in RECORD_FIELDS:
+    for key in fields:
         value = record[key]
         if not isinstance(value, str):
             return f"field {key!r} must be a non-empty string, got {_JSON_TYPES.get(type(value), type(value).__name__)} {reprlib.repr(value)}"

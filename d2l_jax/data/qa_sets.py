@@ -430,6 +430,17 @@ def answer_sentence(context: str, answer: str) -> str:
     return context[first:last].strip()
 
 
+def group_queries(records: list[dict[str, Any]], size: int) -> list[dict[str, Any]]:
+    """One record per ``size`` questions of a context (fewer for a context's last ones): the first
+    question's record with ``extra_queries``, the others' ``{"prompt", "response"}`` in order."""
+    grouped = []
+    for same in _by_context(records).values():
+        for i in range(0, len(same), size):
+            first, *rest = same[i : i + size]
+            grouped.append(dict(first, extra_queries=[{"prompt": r["prompt"], "response": r["response"]} for r in rest]))
+    return grouped
+
+
 def contexts(records: list[dict[str, Any]]) -> list[tuple[str, list[dict[str, Any]]]]:
     """``[(context, [its records]), ...]`` in the order the contexts first appear (the compact grouping)."""
     return list(_by_context(records).items())
@@ -469,9 +480,11 @@ class QASource:
     or the raw question under ``"none"``. Usable wherever ``RecordSource`` is (``training_batches``).
     ``context="answer_sentence"`` replaces each record's context by ``answer_sentence(context, response)``
     (a short document that still holds the answer: an easier first lesson in reading than the passage).
+    ``queries_per_context=Q`` serves a context's questions Q at a time (``group_queries``): the first as
+    the record's ``prompt`` / ``response``, the others in its ``extra_queries``.
 
     Raises what ``read_qa`` raises, and ValueError for an unknown template, context kind or split, a share
-    outside [0, 1], and a split without records.
+    outside [0, 1], ``queries_per_context < 1`` and a split without records.
     """
 
     def __init__(
@@ -482,7 +495,10 @@ class QASource:
         template: str = "closed_qa",
         validation_share: float | None = None,
         context: str = "passage",
+        queries_per_context: int = 1,
     ):
+        if queries_per_context < 1:
+            raise ValueError(f"queries_per_context={queries_per_context} must be >= 1")
         if template not in PROMPT_TEMPLATES:
             raise ValueError(f"template={template!r}; expected one of {PROMPT_TEMPLATES}")
         if context not in CONTEXT_KINDS:
@@ -498,7 +514,7 @@ class QASource:
             records = [dict(r, prompt=closed_qa_prompt(r["prompt"])) for r in records]
         if context == "answer_sentence":
             records = [dict(r, context=answer_sentence(r["context"], r["response"])) for r in records]
-        self.records = records
+        self.records = group_queries(records, queries_per_context) if queries_per_context > 1 else records
 
     def __len__(self) -> int:
         return len(self.records)

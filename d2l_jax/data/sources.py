@@ -12,6 +12,9 @@ A source is a name in :data:`SOURCES` and its options:
            ``template`` (``"closed_qa"`` or ``"none"``), ``validation_share`` (None = the format's default),
            ``context`` (``"passage"``, or ``"answer_sentence"``: the passage's sentences holding the answer;
            several kinds give one source each, mixed equally).
+
+``make_sources(..., queries_per_context=Q)`` (``data.queries_per_context``) serves each context with up to
+Q of its questions in one record (``qa`` only, :data:`GROUPING_SOURCES`).
 """
 
 from __future__ import annotations
@@ -60,14 +63,16 @@ def _records(tokenizer, seed: int, path: str) -> list[RecordSource]:
 
 def _qa(
     tokenizer, seed: int, path: str, format: str | None = None, split: str = "train", template: str = "closed_qa",
-    validation_share: float | None = None, context: str | tuple[str, ...] = "passage",
+    validation_share: float | None = None, context: str | tuple[str, ...] = "passage", queries_per_context: int = 1,
 ) -> list[QASource]:
     del tokenizer, seed  # the file holds finished questions; the split is fixed by the groups' hashes
     kinds = (context,) if isinstance(context, str) else tuple(context)
-    return [QASource(path, format, split, template, validation_share, kind) for kind in kinds]
+    return [QASource(path, format, split, template, validation_share, kind, queries_per_context) for kind in kinds]
 
 
 SOURCES: dict[str, Callable[..., list]] = {"niah": _niah, "records": _records, "qa": _qa}
+# The sources that can serve several questions of a context in one record.
+GROUPING_SOURCES = ("qa",)
 _OPTIONS = {
     "niah": (("bins",), ("records", "split")),
     "records": (("path",), ()),
@@ -75,6 +80,11 @@ _OPTIONS = {
 }
 
 
-def make_sources(source: SourceConfig, tokenizer, seed: int) -> list:
-    """The random-access record sources ``source`` names (mixed in equal proportions by the pipeline)."""
-    return SOURCES[source.name](tokenizer, seed, **source.options)
+def make_sources(source: SourceConfig, tokenizer, seed: int, queries_per_context: int = 1) -> list:
+    """The random-access record sources ``source`` names (mixed in equal proportions by the pipeline), each
+    record with up to ``queries_per_context`` questions of its context (see ``QASource``)."""
+    if queries_per_context == 1:
+        return SOURCES[source.name](tokenizer, seed, **source.options)
+    if source.name not in GROUPING_SOURCES:
+        raise ValueError(f"queries_per_context={queries_per_context}: the {source.name!r} source serves one question per context")
+    return SOURCES[source.name](tokenizer, seed, **source.options, queries_per_context=queries_per_context)

@@ -10,7 +10,7 @@ from typing import Any
 
 from d2l_jax.data.examples import BatchShapes
 from d2l_jax.data.pipeline import BAD_RECORD_POLICIES
-from d2l_jax.data.sources import SourceConfig
+from d2l_jax.data.sources import GROUPING_SOURCES, SourceConfig
 from d2l_jax.hypernet.config import HypernetConfig, HypernetExecution
 from d2l_jax.models.base_model import BaseExecution
 from d2l_jax.train.distillation import DistillationLoss
@@ -115,6 +115,9 @@ class DataConfig:
     bad_records: ``"skip"`` (count and warn about a record that cannot be used, and go on) or ``"stop"``.
     max_bad_share / max_dropped_share: training stops with an error once the share of bad records, or of
       examples dropped for not fitting the batch shapes, passes this (judged from 100 records on).
+    queries_per_context: questions of one context that share its internalization in a step (this project's
+      addition; ``qa`` sources only): a batch holds ``train.batch_size`` contexts and that many query rows
+      for each, the adapter generated once per context.
     The rest are ``BatchShapes`` fields; ``max_chunk_len`` comes from the hypernetwork config.
     """
 
@@ -124,6 +127,7 @@ class DataConfig:
     chunk_probs: tuple[tuple[int, float], ...] = ()
     min_chunk_len: int = 25
     chunks_per_context: int = 1
+    queries_per_context: int = 1
     max_student_len: int = 48
     max_labels: int = 8
     max_teacher_len: int = 0
@@ -139,6 +143,15 @@ class DataConfig:
         for name in ("max_bad_share", "max_dropped_share"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"data.{name}={getattr(self, name)!r} must be a share in [0, 1]")
+        if self.queries_per_context < 1:
+            raise ValueError(f"data.queries_per_context={self.queries_per_context} must be >= 1")
+        if self.queries_per_context > 1:
+            others = sorted({s.name for s in (self.source, self.warmup_source) if s is not None} - set(GROUPING_SOURCES))
+            if others:
+                raise ValueError(
+                    f"data.queries_per_context={self.queries_per_context} needs sources that group a context's questions "
+                    f"({', '.join(GROUPING_SOURCES)}), not {others}"
+                )
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "DataConfig":
@@ -205,6 +218,7 @@ class RunConfig:
         return BatchShapes(
             max_chunk_len=self.hypernet.max_chunk_len,
             chunks_per_context=self.data.chunks_per_context,
+            queries_per_context=self.data.queries_per_context,
             max_student_len=self.data.max_student_len,
             max_labels=self.data.max_labels,
             max_teacher_len=self.data.max_teacher_len,

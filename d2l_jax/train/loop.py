@@ -57,8 +57,9 @@ def training_batch_stream(run: RunConfig, base: BaseModel, stats: RecordStats | 
     shapes = run.batch_shapes()
     rows = run.train.batch_size // jax.process_count()
     warmup = run.data.warmup_source
+    queries = run.data.queries_per_context
     return training_batches(
-        make_sources(run.data.source, tokenizer, run.train.seed),
+        make_sources(run.data.source, tokenizer, run.train.seed, queries),
         builder,
         shapes,
         rows,
@@ -66,7 +67,7 @@ def training_batch_stream(run: RunConfig, base: BaseModel, stats: RecordStats | 
         seed=run.train.seed,
         shard_index=jax.process_index(),
         shard_count=jax.process_count(),
-        warmup_sources=make_sources(warmup, tokenizer, run.train.seed) if warmup else (),
+        warmup_sources=make_sources(warmup, tokenizer, run.train.seed, queries) if warmup else (),
         warmup_records=run.data.warmup_steps * rows * run.train.grad_accum_steps,
         bad_records=run.data.bad_records,
         max_bad_share=run.data.max_bad_share,

@@ -4,13 +4,16 @@ A batch is a dict of arrays whose first two axes are ``[A, B]``: A micro-batches
 accumulation) of B (context, query) rows. Per micro-batch:
 
   ctx_tokens, ctx_mask        [N, Tc]  the chunks of the B contexts (right-padded; N >= chunks in use)
-  chunk_document, chunk_slot  [N]      owning row (B marks a padding chunk) and position in its context
+  chunk_document, chunk_slot  [N]      owning context (B marks a padding chunk) and position in it
   num_chunks                  [B]      chunks per context
   tokens, mask                [B, Ts]  student sequence without the context (right-padded)
   label_positions             [B, P]   positions whose logits predict the labels (label index - 1)
   labels, label_mask          [B, P]   label token ids and which are real
   online teacher:  teacher_tokens, teacher_mask [B, Tt], teacher_label_positions [B, P]
   offline teacher: teacher_log_probs, teacher_ids [B, P, K]
+
+The query arrays (``tokens`` and those after it) may hold ``Q * B`` rows instead, Q questions per context
+(``data.queries_per_context``): rows ``g * Q .. g * Q + Q - 1`` ask about context g and share its adapter.
 """
 
 from __future__ import annotations
@@ -75,7 +78,9 @@ def micro_batch_loss(
     else:
         lora, aux = document_adapters(hyper, base, base_params, params, *chunks, execution=execution), {}
     first_adapted = base.num_layers - hyper.num_adapted(base)
-    logits = label_logits(base, base_params, batch["tokens"], batch["mask"], batch["label_positions"], lora, first_adapted)
+    queries = batch["tokens"].shape[0] // batch["num_chunks"].shape[0]
+    rows_lora = jax.tree.map(lambda x: jnp.repeat(x, queries, axis=0), lora) if queries > 1 else lora
+    logits = label_logits(base, base_params, batch["tokens"], batch["mask"], batch["label_positions"], rows_lora, first_adapted)
     mask = batch["label_mask"]
     distillation = train.distillation
     targets = batch  # labels, and the offline teacher's targets

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from d2l_jax.data.chunking import document_affixes, tokenize_document
-from d2l_jax.data.examples import BatchShapes, ChunkSampling, TrainExampleBuilder, collate, student_messages
+from d2l_jax.data.examples import EXTRA_QUERIES, BatchShapes, ChunkSampling, TrainExampleBuilder, collate, fits, student_messages
 from d2l_jax.data.niah import NIAHSource
 from d2l_jax.data.pipeline import training_batches
 
@@ -110,3 +110,21 @@ def test_a_document_with_a_lone_surrogate_is_rejected_with_its_position(smollm2,
     with pytest.raises(ValueError, match=r"character 30 is '\\udfff'"):  # through the training example builder
         builder(dict(RECORD, context="The vault code is 4817. \n And \udfff."), np.random.default_rng(0))
     assert tokenize_document(tok, "abc \U0001F600 def", document_affixes(tok))  # a surrogate pair's character is fine
+
+
+def test_a_contexts_questions_take_consecutive_rows(smollm2, builder):
+    tok = smollm2.tokenizer
+    grouped = dict(RECORD, extra_queries=[{"prompt": "Where is the vault?", "response": "Lisbon"}])
+    shapes = dataclasses.replace(SHAPES, queries_per_context=2)
+    examples = [builder(grouped, np.random.default_rng(0)), builder(RECORD, np.random.default_rng(1))]
+    assert fits(examples[0], shapes) and not fits(examples[0], SHAPES)
+    batch = collate(examples, shapes)
+    chex.assert_shape([batch["tokens"], batch["teacher_tokens"], batch["labels"]], [(1, 4, 48), (1, 4, 80), (1, 4, 8)])
+    np.testing.assert_array_equal(batch["num_chunks"], [[1, 1]])
+    np.testing.assert_array_equal(batch["chunk_document"][0], [0, 1, 2, 2, 2, 2])  # owned by contexts, not by query rows
+    labels = [tok.decode(batch["labels"][0, row][batch["label_mask"][0, row] == 1]) for row in range(4)]
+    assert labels == ["4817<|im_end|>", "Lisbon<|im_end|>", "4817<|im_end|>", ""]  # row 3: context 1 has one question
+    assert batch["mask"][0, 3].sum() == 0 and "Where is the vault?" in tok.decode(batch["tokens"][0, 1])
+    extra = examples[0][EXTRA_QUERIES][0]
+    positions = batch["teacher_label_positions"][0, 1, : extra["label_end"] - extra["label_start"]]
+    np.testing.assert_array_equal(batch["teacher_tokens"][0, 1][positions + 1], batch["labels"][0, 1, : len(positions)])

@@ -10,7 +10,7 @@ import datasets
 import pytest
 
 from d2l_jax.data.chunking import document_affixes
-from d2l_jax.data.examples import BatchShapes, TrainExampleBuilder
+from d2l_jax.data.examples import EXTRA_QUERIES, BatchShapes, TrainExampleBuilder
 from d2l_jax.data.pipeline import record_problem, training_batches
 from d2l_jax.data.qa_sets import (
     CLOSED_QA_TEMPLATE,
@@ -334,3 +334,34 @@ def test_training_batches_read_a_qa_source(tmp_path, smollm2):
     assert batch["tokens"].shape == (1, 2, 64) and batch["label_mask"].sum() > 0
     text = tok.decode(batch["tokens"][0, 0])
     assert "Answer the following question." in text and "Question: " in text
+
+
+def test_the_qa_source_can_group_a_contexts_questions(tmp_path):
+    questions = [qa(f"Question {i}?", f"answer {i}") for i in range(5)]
+    path = write_json(tmp_path / "squad.json", squad(("Vaults", [(PASSAGE, questions), ("Another passage.", [qa("Why?", "so")])])))
+    [source] = make_sources(SourceConfig("qa", {"path": str(path), "split": "all", "template": "none"}), None, 0, queries_per_context=2)
+    assert [(r["context"], r["prompt"], [q["prompt"] for q in r[EXTRA_QUERIES]]) for r in source] == [
+        (PASSAGE, "Question 0?", ["Question 1?"]),
+        (PASSAGE, "Question 2?", ["Question 3?"]),
+        (PASSAGE, "Question 4?", []),
+        ("Another passage.", "Why?", []),
+    ]
+    assert source[1][EXTRA_QUERIES] == [{"prompt": "Question 3?", "response": "answer 3"}] and record_problem(source[0]) is None
+    assert record_problem(dict(source[0], extra_queries=[{"prompt": " ", "response": "x"}])) == (
+        "extra_queries[0]: field 'prompt' must be a non-empty string, got ' '"
+    )
+    with pytest.raises(ValueError, match=r"queries_per_context=2: the 'niah' source serves one question per context"):
+        make_sources(SourceConfig("niah", {"bins": ((8, 37),)}), None, 0, queries_per_context=2)
+    with pytest.raises(ValueError, match=r"queries_per_context=0 must be >= 1"):
+        QASource(path, queries_per_context=0)
+
+
+def test_training_batches_of_grouped_questions_have_a_row_per_question(tmp_path, smollm2):
+    tok = smollm2.tokenizer
+    builder = TrainExampleBuilder(tok, document_affixes(tok), smollm2.stop_token_ids, 64)
+    shapes = BatchShapes(max_chunk_len=64, chunks_per_context=2, max_student_len=64, max_labels=8, queries_per_context=3)
+    path = write_json(tmp_path / "squad.json", squad(("Vaults", [(PASSAGE, [qa(f"Question {i}?", "1858") for i in range(7)])])))
+    batch = next(iter(training_batches([QASource(path, split="all", queries_per_context=3)], builder, shapes, batch_size=2, seed=0)))
+    assert batch["tokens"].shape == (1, 6, 64) and batch["num_chunks"].shape == (1, 2)
+    questions = [q for q in range(6) if batch["label_mask"][0, q].sum()]
+    assert len(questions) in (4, 6)  # two of the groups of 3, 3 and 1 questions

@@ -163,3 +163,13 @@ def test_every_recorded_run_config_reads_and_round_trips():
         with open(path) as f:
             run = RunConfig.from_json(json.load(f))
         assert RunConfig.from_json(run.to_json()) == run, path
+
+
+def test_questions_per_context_need_a_source_that_groups_them():
+    settings = experiment("niah_smollm2")
+    settings["data"]["queries_per_context"] = 2
+    with pytest.raises(ValueError, match=r"data.queries_per_context=2 needs sources that group a context's questions \(qa\), not \['niah'\]"):
+        parse_experiment(settings)
+    settings = experiment("qa_smollm2")
+    settings["data"]["queries_per_context"] = 4
+    assert parse_experiment(settings).batch_shapes().queries_per_context == 4

@@ -202,3 +202,28 @@ def test_bad_configs_are_rejected():
         TrainConfig(warmup_steps=10, steps=10)
     with pytest.raises(ValueError, match="perceiver_lr_scale"):
         TrainConfig(perceiver_lr_scale=-0.1)
+
+
+def test_questions_sharing_a_context_equal_that_context_repeated_per_question(base_params):
+    """data.queries_per_context: Q query rows per context use its one adapter, as Q copies of the context would."""
+    trainer = Trainer(HYPER, BASE, TrainConfig(batch_size=2, **SGD_LIKE))
+    params = trainer.init_state().params
+    big = jax.tree.map(lambda x: x[0], random_batch(seed=7, rows=4))
+    big["chunk_document"], big["num_chunks"] = np.repeat(np.arange(4), 2).astype(np.int32), np.full(4, 2, np.int32)
+    queries = {k: v for k, v in big.items() if not k.startswith(("ctx_", "chunk_", "num_"))}
+    contexts = np.array([0, 1, 4, 5])  # the chunk rows of contexts 0 and 2
+    shared = queries | {
+        "ctx_tokens": big["ctx_tokens"][contexts], "ctx_mask": big["ctx_mask"][contexts],
+        "chunk_document": np.array([0, 0, 1, 1], np.int32), "chunk_slot": np.array([0, 1, 0, 1], np.int32),
+        "num_chunks": np.array([2, 2], np.int32),
+    }
+    repeated_rows = np.array([0, 1, 0, 1, 4, 5, 4, 5])
+    repeated = queries | {
+        "ctx_tokens": big["ctx_tokens"][repeated_rows], "ctx_mask": big["ctx_mask"][repeated_rows],
+        "chunk_document": big["chunk_document"], "chunk_slot": big["chunk_slot"], "num_chunks": big["num_chunks"],
+    }
+    (shared_loss, shared_metrics), shared_grads = loss_and_grads(params, base_params, shared, TrainConfig())
+    (repeated_loss, _), repeated_grads = loss_and_grads(params, base_params, repeated, TrainConfig())
+    assert float(shared_loss) > 0 and float(shared_metrics["label_tokens"]) == float(big["label_mask"].sum())
+    np.testing.assert_allclose(shared_loss, repeated_loss, rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8), shared_grads, repeated_grads)

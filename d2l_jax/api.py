@@ -127,10 +127,13 @@ class D2L:
         abstract = abstract_hypernet(hyper, base.config)
         return cls(base, hyper, pretrained.load_variables(directory, saved, abstract), execution)
 
-    def save_pretrained(self, directory: str | Path, description: str = "", base_execution: BaseExecution | None = None) -> Path:
+    def save_pretrained(
+        self, directory: str | Path, description: str = "", base_execution: BaseExecution | None = None, weights_dtype: str = "float32"
+    ) -> Path:
         """Writes this hypernetwork for :meth:`from_pretrained` (``d2l_jax.pretrained`` gives the layout):
-        float32 weights, the configs, the base model's name and identity, and ``description`` (what it was
-        trained on). ``base_execution`` is how ``from_pretrained`` loads the base by default."""
+        the weights (float32, or ``weights_dtype="float16"`` for half the file, each weight rounded to
+        float16), the configs, the base model's name and identity, and ``description`` (what it was trained
+        on). ``base_execution`` is how ``from_pretrained`` loads the base by default."""
         config = {
             "model": self.base.name,
             "base_identity": base_identity(self.base.name, self.base.config, self.base.params),
@@ -139,7 +142,7 @@ class D2L:
             "base_execution": dataclasses.asdict(base_execution or BaseExecution()),
             "description": description,
         }
-        return pretrained.save(directory, self.params, json.loads(json.dumps(config)))
+        return pretrained.save(directory, self.params, json.loads(json.dumps(config)), weights_dtype)
 
     @classmethod
     def from_reference_checkpoint(

@@ -3,8 +3,8 @@ written by ``D2L.save_pretrained``.
 
 A pretrained directory holds two files:
 
-  model.safetensors   the hypernetwork's variables (parameters and statistics), float32, keys are the
-                      pytree paths joined by "/" (``perceiver/encoder/latents_q``)
+  model.safetensors   the hypernetwork's variables (parameters and statistics), float32 (or float16 to
+                      halve the file), keys are the pytree paths joined by "/" (``perceiver/encoder/latents_q``)
   config.json         {"format", "model" (the base model's name), "base_identity" (its architecture and
                       weight fingerprint), "hypernet", "execution", "base_execution", "sha256" (of
                       model.safetensors), "description"}
@@ -31,6 +31,7 @@ from d2l_jax.train.checkpoint import CheckpointCorruptError
 PRETRAINED_DIR = Path(__file__).resolve().parent.parent / "pretrained"
 WEIGHTS_FILE, CONFIG_FILE = "model.safetensors", "config.json"
 FORMAT = "d2l-jax-pretrained-1"
+WEIGHTS_DTYPES = ("float32", "float16")
 
 
 def available() -> list[str]:
@@ -94,13 +95,22 @@ def _replace_atomically(path: Path, write) -> None:
         temporary.unlink(missing_ok=True)
 
 
-def save(directory: str | os.PathLike, variables, config: dict[str, Any]) -> Path:
-    """Writes ``variables`` (float32) and ``config`` (plus ``format`` and the weights' ``sha256``) into
-    ``directory`` (created if needed); returns it."""
+def save(directory: str | os.PathLike, variables, config: dict[str, Any], weights_dtype: str = "float32") -> Path:
+    """Writes ``variables`` (as ``weights_dtype``, one of :data:`WEIGHTS_DTYPES`; loading casts them back)
+    and ``config`` (plus ``format`` and the weights' ``sha256``) into ``directory`` (created if needed);
+    returns it. Raises ValueError for another dtype, or float16 for a variable beyond float16's range."""
+    if weights_dtype not in WEIGHTS_DTYPES:
+        raise ValueError(f"weights_dtype={weights_dtype!r}; expected one of {WEIGHTS_DTYPES}")
+    arrays = {k: np.asarray(jax.device_get(v), np.float32) for k, v in _leaves(variables).items()}
+    if weights_dtype == "float16":
+        too_large = [k for k, v in arrays.items() if np.abs(v).max(initial=0.0) > np.finfo(np.float16).max]
+        if too_large:
+            raise ValueError(f"weights_dtype='float16': {too_large[:5]} hold values beyond float16's range; save as float32")
+        arrays = {k: v.astype(np.float16) for k, v in arrays.items()}
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     weights = directory / WEIGHTS_FILE
-    _replace_atomically(weights, lambda p: save_file({k: np.asarray(jax.device_get(v), np.float32) for k, v in _leaves(variables).items()}, str(p)))
+    _replace_atomically(weights, lambda p: save_file(arrays, str(p)))
     config = {"format": FORMAT, **config, "sha256": _sha256(weights)}
     _replace_atomically(directory / CONFIG_FILE, lambda p: p.write_text(json.dumps(config, indent=1) + "\n"))
     return directory

@@ -21,7 +21,7 @@ import ml_collections
 from d2l_jax.hypernet.config import HypernetConfig
 
 SQUAD = "../shared/data/qa/squad-train-v1.1.json.gz"
-VARIANTS = ("kl", "ce", "mixed", "sentences", "per_layer")
+VARIANTS = ("kl", "ce", "mixed", "sentences", "per_layer", "grouped")
 
 
 def get_config(variant: str = "kl") -> ml_collections.ConfigDict:
@@ -106,6 +106,22 @@ def get_config(variant: str = "kl") -> ml_collections.ConfigDict:
         config.data.warmup_source = None
         config.data.warmup_steps = 0
         config.evaluator.options.context = "answer_sentence"
+    if variant == "grouped":
+        # Whole passages from the start, four questions of a passage sharing its internalization in a step
+        # (data.queries_per_context): four contexts and 16 questions per step instead of 8 and 8, so the
+        # hypernetwork's cost is paid once per four questions. Run 9 started it from the kl variant's
+        # step 400 (run 5's, after the answer sentences): --config.init_from=RUN5_WORKDIR
+        # --config.init_partial=False --config.init_without_b=False.
+        config.data.source = squad("passage")
+        config.data.warmup_source = None
+        config.data.warmup_steps = 0
+        config.data.queries_per_context = 4
+        # A group is dropped when one of its questions does not fit: room for longer answers and passages.
+        config.data.max_labels = 24
+        config.data.max_teacher_len = 416
+        config.train.batch_size = 4
+        config.train.encoder_chunk_rows = 8
+        config.evaluator.options.questions = 96
     if variant == "per_layer":
         # The reference's main-experiment reader instead of the needle one: layer l's adapter is generated
         # from the paragraph's own layer-l states (per_layer_activations), on every layer (not the last 4),

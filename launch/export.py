@@ -30,6 +30,7 @@ _TO = flags.DEFINE_enum(
     "peft: the adapter of --document as a PEFT LoRA directory",
 )
 _DESCRIPTION = flags.DEFINE_string("description", None, "what it was trained on and how well it does (required with --to=pretrained)")
+_WEIGHTS_DTYPE = flags.DEFINE_enum("weights_dtype", "float32", ["float32", "float16"], "storage dtype of --to=pretrained weights (float16: half the file)")
 _DOCUMENT = flags.DEFINE_string("document", None, "text file to internalize (required with --to=peft)")
 
 
@@ -61,7 +62,9 @@ def main(argv):
         checkpoints.close()
     d2l = D2L.load(_CHECKPOINT.value, step=_STEP.value)
     if _TO.value == "pretrained":
-        out = d2l.save_pretrained(_OUT.value, description=_DESCRIPTION.value, base_execution=experiment.base_execution)
+        out = d2l.save_pretrained(
+            _OUT.value, description=_DESCRIPTION.value, base_execution=experiment.base_execution, weights_dtype=_WEIGHTS_DTYPE.value
+        )
         print(f"wrote {out} ({d2l.param_count():,} parameters)")
     elif _TO.value == "reference":
         out = d2l.save_reference_checkpoint(_OUT.value)

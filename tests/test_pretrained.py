@@ -3,6 +3,7 @@
 import json
 
 import chex
+import jax
 import numpy as np
 import pytest
 
@@ -100,3 +101,18 @@ def test_an_identity_written_before_an_architecture_field_existed_still_matches(
     del config["base_identity"]["architecture"]["mlp_activation"]  # a field with its default value
     (saved / pretrained.CONFIG_FILE).write_text(json.dumps(config))
     chex.assert_trees_all_equal(d2l_jax.D2L.from_pretrained(saved, base=tiny_base).params, d2l.params)
+
+
+def test_float16_weights_load_as_the_rounded_variables(d2l, tiny_base, tmp_path):
+    saved = d2l.save_pretrained(tmp_path / "half", weights_dtype="float16")
+    full = d2l.save_pretrained(tmp_path / "full")
+    assert (saved / pretrained.WEIGHTS_FILE).stat().st_size < 0.6 * (full / pretrained.WEIGHTS_FILE).stat().st_size
+    loaded = d2l_jax.D2L.from_pretrained(saved, base=tiny_base)
+    rounded = jax.tree.map(lambda x: np.asarray(x).astype(np.float16).astype(np.float32), d2l.params)
+    chex.assert_trees_all_equal(jax.tree.map(np.asarray, loaded.params), rounded)
+    with pytest.raises(ValueError, match=r"weights_dtype='bfloat16'; expected one of \('float32', 'float16'\)"):
+        d2l.save_pretrained(tmp_path / "other", weights_dtype="bfloat16")
+    huge = d2l_jax.D2L(d2l.base, d2l.config, jax.tree.map(lambda x: x * 1e6, d2l.params), d2l.execution)
+    with pytest.raises(ValueError, match=r"beyond float16's range; save as float32"):
+        huge.save_pretrained(tmp_path / "huge", weights_dtype="float16")
+    assert not (tmp_path / "huge").exists() or not any((tmp_path / "huge").iterdir())

@@ -228,20 +228,21 @@ def collect(rounds: list[dict]) -> list[dict]:
     return rows
 
 
-def fmt_seconds(values: list) -> str:
+def fmt_median(values: list, digits: int, suffix: str = "") -> str:
+    """The median in bold, then every value when there are several; '–' without values."""
     values = [v for v in values if v is not None]
     if not values:
         return "–"
-    text = f"**{statistics.median(values):.3f}**"
-    return text + (f" ({', '.join(f'{v:.3f}' for v in values)})" if len(values) > 1 else "")
+    text = f"**{statistics.median(values):.{digits}f}{suffix}**"
+    return text + (f" ({', '.join(f'{v:.{digits}f}' for v in values)})" if len(values) > 1 else "")
+
+
+def fmt_seconds(values: list) -> str:
+    return fmt_median(values, 3)
 
 
 def fmt_ratio(values: list) -> str:
-    values = [v for v in values if v is not None]
-    if not values:
-        return "–"
-    text = f"**{statistics.median(values):.2f}x**"
-    return text + (f" ({', '.join(f'{v:.2f}' for v in values)})" if len(values) > 1 else "")
+    return fmt_median(values, 2, "x")
 
 
 def fmt_list(values: list, digits: int = 0) -> str:

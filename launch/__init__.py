@@ -11,6 +11,9 @@ from pathlib import Path
 from absl import app, logging
 
 TRACEBACK_VARIABLE = "D2L_TRACEBACK"
+# Exit status of a ``launch.train`` run stopped early by SIGTERM or SIGINT (after saving a checkpoint): the
+# same command resumes it.
+STOPPED_BY_SIGNAL = 3
 # What bad input raises: the library's own errors (all ValueError, OSError or ImportError subclasses, or
 # defined in d2l_jax) and absl's usage errors.
 _INPUT_ERRORS = (app.UsageError, ValueError, OSError, ImportError, pickle.UnpicklingError)

@@ -15,7 +15,7 @@ import sys
 from absl import flags
 from ml_collections import config_flags
 
-from launch import run
+from launch import STOPPED_BY_SIGNAL, run
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file (ml_collections)", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "directory for checkpoints, metrics and the config", required=True)
@@ -24,9 +24,6 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of pr
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "number of processes (multi-host)")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process's index (multi-host)")
 _RESUME_STEP = flags.DEFINE_integer("resume_step", None, "resume from this checkpoint step (default: the newest that verifies)")
-
-# Exit status of a run stopped early by SIGTERM or SIGINT (after saving a checkpoint): the same command resumes it.
-STOPPED_BY_SIGNAL = 3
 
 
 def main(argv):

@@ -1,5 +1,5 @@
 """Ctrl-C to a running ``python -m launch.train``: it saves the step it reached, exits with its own status
-(``launch.train.STOPPED_BY_SIGNAL``) and says how to resume; Orbax's INFO lines stay out of its output."""
+(``launch.STOPPED_BY_SIGNAL``) and says how to resume; Orbax's INFO lines stay out of its output."""
 
 import json
 import os
@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from launch.train import STOPPED_BY_SIGNAL
+from launch import STOPPED_BY_SIGNAL
 from tests.conftest import save_tiny_model
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -8,7 +8,9 @@ student sees the question alone; closed-QA prompts; L1 0.1 on the combined adapt
 field's comment names, sized so that a run learns within about two hours on a 2-core CPU, starting from the
 shipped needle hypernetwork's Perceiver. Variants: ``kl`` (answer sentences for 400 steps, then whole
 passages), ``mixed`` (both together throughout), ``ce`` (``kl`` on the gold answers, no teacher),
-``sentences`` (a diagnostic: answer sentences only, validated on held-out answer sentences). Validation
+``sentences`` (a diagnostic: answer sentences only, validated on held-out answer sentences), ``per_layer``
+(the reference's per-layer reader on all layers, fresh), ``grouped`` (four questions of a passage sharing its
+internalization), ``swapped`` (original and answer-swapped passages mixed, see the variant). Validation
 every ``eval_every`` steps: QA token F1 and the gold answer's log-likelihood on held-out SQuAD articles of the
 student without the paragraph, of the control (another paragraph's adapter), and at step 0 the base model
 with and without the paragraph. Runs and their curves: ``results/qa_smollm2/``.
@@ -21,7 +23,7 @@ import ml_collections
 from d2l_jax.hypernet.config import HypernetConfig
 
 SQUAD = "../shared/data/qa/squad-train-v1.1.json.gz"
-VARIANTS = ("kl", "ce", "mixed", "sentences", "per_layer", "grouped")
+VARIANTS = ("kl", "ce", "mixed", "sentences", "per_layer", "grouped", "swapped")
 
 
 def get_config(variant: str = "kl") -> ml_collections.ConfigDict:
@@ -121,6 +123,15 @@ def get_config(variant: str = "kl") -> ml_collections.ConfigDict:
         config.data.max_teacher_len = 416
         config.train.batch_size = 4
         config.train.encoder_chunk_rows = 8
+        config.evaluator.options.questions = 96
+    if variant == "swapped":
+        # Original passages mixed equally with counterfactual ones (each passage's answer replaced by another
+        # question's answer of the same kind, context="answer_swapped"), so that a question's answer depends
+        # on the document: trained and validated on 16 training paragraphs, the grouped recipe learned the
+        # answers of the questions themselves, the control as much as the paragraph's own adapter.
+        config.data.source = squad(("passage", "answer_swapped"))
+        config.data.warmup_source = None
+        config.data.warmup_steps = 0
         config.evaluator.options.questions = 96
     if variant == "per_layer":
         # The reference's main-experiment reader instead of the needle one: layer l's adapter is generated

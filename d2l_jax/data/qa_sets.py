@@ -21,6 +21,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import random
 import re
 import reprlib
 import tempfile
@@ -48,7 +49,7 @@ CLOSED_QA_TEMPLATE = (
 )
 PROMPT_TEMPLATES = ("closed_qa", "none")
 # What a training record's context is: its whole passage, or the passage's sentences that hold the answer.
-CONTEXT_KINDS = ("passage", "answer_sentence")
+CONTEXT_KINDS = ("passage", "answer_sentence", "answer_swapped")
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 # A nested (SQuAD-layout) file is one JSON object whose first key is one of these.
 _NESTED_HEAD = re.compile(r'\{\s*"(?:data|version)"\s*:')
@@ -430,6 +431,39 @@ def answer_sentence(context: str, answer: str) -> str:
     return context[first:last].strip()
 
 
+def answer_kind(answer: str) -> str:
+    """``"number"`` (holds a digit), ``"name"`` (starts with a capital) or ``"other"``: what an answer may
+    be swapped with."""
+    if any(c.isdigit() for c in answer):
+        return "number"
+    return "name" if answer[:1].isupper() else "other"
+
+
+def swap_answers(records: list[dict[str, Any]], seed: int = 0) -> list[dict[str, Any]]:
+    """Counterfactual records: each record whose passage holds its answer verbatim, with every occurrence
+    of the answer in the passage replaced by another record's answer of the same ``answer_kind``, and that
+    answer as the response (the only gold answer). Mixed with the original passages, the same question then
+    has different answers in different documents, so the answer cannot be learned from the question alone.
+    Records whose answer is not in their passage are left out; the donors are drawn with ``seed``."""
+    usable = [r for r in records if r["response"].strip() and r["response"] in r["context"]]
+    by_kind: dict[str, list[str]] = {}
+    for r in usable:
+        by_kind.setdefault(answer_kind(r["response"]), []).append(r["response"])
+    rng = random.Random(seed)
+    donors = {kind: rng.sample(answers, len(answers)) for kind, answers in by_kind.items()}
+    swapped, taken = [], dict.fromkeys(by_kind, 0)
+    for r in usable:
+        kind = answer_kind(r["response"])
+        pool = donors[kind]
+        for _ in range(len(pool)):
+            donor = pool[taken[kind] % len(pool)]
+            taken[kind] += 1
+            if donor != r["response"] and donor not in r["context"]:
+                swapped.append(dict(r, context=r["context"].replace(r["response"], donor), response=donor, answers=[donor]))
+                break
+    return swapped
+
+
 def group_queries(records: list[dict[str, Any]], size: int) -> list[dict[str, Any]]:
     """One record per ``size`` questions of a context (fewer for a context's last ones): the first
     question's record with ``extra_queries``, the others' ``{"prompt", "response"}`` in order."""
@@ -479,7 +513,9 @@ class QASource:
     ``VALIDATION_SHARES``), with ``prompt`` = ``closed_qa_prompt(question)`` under ``template="closed_qa"``
     or the raw question under ``"none"``. Usable wherever ``RecordSource`` is (``training_batches``).
     ``context="answer_sentence"`` replaces each record's context by ``answer_sentence(context, response)``
-    (a short document that still holds the answer: an easier first lesson in reading than the passage).
+    (a short document that still holds the answer: an easier first lesson in reading than the passage);
+    ``context="answer_swapped"`` serves ``swap_answers(records)`` (the passage with its answer replaced by
+    another question's: mixed with ``"passage"``, the answer depends on the document, not the question).
     ``queries_per_context=Q`` serves a context's questions Q at a time (``group_queries``): the first as
     the record's ``prompt`` / ``response``, the others in its ``extra_queries``.
 
@@ -514,6 +550,8 @@ class QASource:
             records = [dict(r, prompt=closed_qa_prompt(r["prompt"])) for r in records]
         if context == "answer_sentence":
             records = [dict(r, context=answer_sentence(r["context"], r["response"])) for r in records]
+        if context == "answer_swapped":
+            records = swap_answers(records)
         self.records = group_queries(records, queries_per_context) if queries_per_context > 1 else records
 
     def __len__(self) -> int:

@@ -10,7 +10,8 @@ A source is a name in :data:`SOURCES` and its options:
            one split of its questions, prompts in the closed-QA template. Options: ``path`` (required),
            ``format`` (None = detect), ``split`` (``"train"``; also ``"validation"``, ``"all"``),
            ``template`` (``"closed_qa"`` or ``"none"``), ``validation_share`` (None = the format's default),
-           ``context`` (``"passage"``, or ``"answer_sentence"``: the passage's sentences holding the answer;
+           ``context`` (``"passage"``; ``"answer_sentence"``: the passage's sentences holding the answer;
+           ``"answer_swapped"``: the passage with its answer replaced by another question's of the same kind;
            several kinds give one source each, mixed equally).
 
 ``make_sources(..., queries_per_context=Q)`` (``data.queries_per_context``) serves each context with up to

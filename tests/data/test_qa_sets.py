@@ -16,6 +16,7 @@ from d2l_jax.data.qa_sets import (
     CLOSED_QA_TEMPLATE,
     VALIDATION_SHARES,
     QASource,
+    answer_kind,
     answer_sentence,
     closed_qa_prompt,
     contexts,
@@ -23,6 +24,7 @@ from d2l_jax.data.qa_sets import (
     load_qa,
     read_qa,
     split_records,
+    swap_answers,
 )
 from d2l_jax.data.sources import SourceConfig, make_sources
 
@@ -321,7 +323,7 @@ def test_the_qa_source_can_serve_answer_sentences(tmp_path):
     assert [r["response"] for r in source] == ["Ada Byron", "Paris"] and source[0]["group"] == QASource(path, split="all")[0]["group"]
     both = make_sources(SourceConfig("qa", {"path": str(path), "split": "all", "context": ["answer_sentence", "passage"]}), None, 0)
     assert [s.context for s in both] == ["answer_sentence", "passage"] and both[1][0]["context"] == PASSAGE
-    with pytest.raises(ValueError, match=r"context='sentence'; expected one of \('passage', 'answer_sentence'\)"):
+    with pytest.raises(ValueError, match=r"context='sentence'; expected one of \('passage', 'answer_sentence', 'answer_swapped'\)"):
         QASource(path, context="sentence")
 
 
@@ -365,3 +367,25 @@ def test_training_batches_of_grouped_questions_have_a_row_per_question(tmp_path,
     assert batch["tokens"].shape == (1, 6, 64) and batch["num_chunks"].shape == (1, 2)
     questions = [q for q in range(6) if batch["label_mask"][0, q].sum()]
     assert len(questions) in (4, 6)  # two of the groups of 3, 3 and 1 questions
+
+
+def test_swapped_answers_make_the_answer_depend_on_the_document(tmp_path):
+    paragraphs = [
+        ("The vault opened in 1858 in Lisbon.", [qa("When did the vault open?", "1858"), qa("Where is the vault?", "Lisbon")]),
+        ("The bridge was finished in 1932 near Porto.", [qa("When was the bridge finished?", "1932"), qa("Near which city?", "Porto")]),
+        ("The tower is made of stone.", [qa("What is the tower made of?", "stone"), qa("Who built it?", "nobody knows")]),
+    ]
+    path = write_json(tmp_path / "squad.json", squad(("Places", paragraphs)))
+    original = QASource(path, split="all", template="none")
+    swapped = QASource(path, split="all", template="none", context="answer_swapped")
+    assert [answer_kind(a) for a in ("1858", "Lisbon", "stone")] == ["number", "name", "other"]
+    by_question = {r["prompt"]: r for r in swapped}
+    assert set(by_question) == {"When did the vault open?", "Where is the vault?", "When was the bridge finished?", "Near which city?"}
+    vault = by_question["When did the vault open?"]
+    assert vault["response"] == vault["answers"][0] == "1932" and vault["context"] == "The vault opened in 1932 in Lisbon."
+    assert by_question["Near which city?"]["context"] == "The bridge was finished in 1932 near Lisbon."
+    for record in swapped:  # the donor answer now stands where the original did, the original is gone
+        first = next(r for r in original if r["prompt"] == record["prompt"])
+        assert record["response"] in record["context"] and first["response"] not in record["context"]
+        assert record["group"] == first["group"]
+    assert swap_answers(list(original), seed=0) == swap_answers(list(original), seed=0)

@@ -25,7 +25,7 @@ import random
 import re
 import reprlib
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -505,6 +505,32 @@ def split_records(records: list[dict[str, Any]], split: str, validation_share: f
     return [r for r in records if held[r["group"]] == wanted]
 
 
+def paired_questions(
+    path: str | Path,
+    contexts: Sequence[str] = ("passage",),
+    split: str = "train",
+    max_questions: int | None = None,
+    seed: int = 0,
+) -> list[dict[str, Any]]:
+    """``{"context", "prompt", "response", "id"}`` records of questions drawn at random (``seed``) from the
+    ``split`` of a QA file, one record per context kind in ``contexts`` (``QASource``'s kinds, closed-QA
+    prompts) for each question, consecutive: with ``("passage", "answer_swapped")`` every question comes
+    with its passage and its answer-swapped twin. Only questions that every kind serves are drawn; at most
+    ``max_questions`` of them (None = all).
+
+    Raises what ``QASource`` raises, and ValueError for no ``contexts``, a repeated kind or
+    ``max_questions < 1``."""
+    if not contexts or len(set(contexts)) != len(contexts):
+        raise ValueError(f"contexts={tuple(contexts)!r}: give one or more distinct kinds of {CONTEXT_KINDS}")
+    if max_questions is not None and max_questions < 1:
+        raise ValueError(f"max_questions={max_questions} must be >= 1")
+    by_kind = [{r["id"]: r for r in QASource(path, split=split, context=kind).records} for kind in contexts]
+    ids = [i for i in by_kind[0] if all(i in served for served in by_kind[1:])]
+    random.Random(seed).shuffle(ids)
+    keys = ("context", "prompt", "response", "id")
+    return [{k: served[i][k] for k in keys} for i in ids[:max_questions] for served in by_kind]
+
+
 class QASource:
     """Random access to the training records of a QA file's split, with the prompt template applied.
 
@@ -541,7 +567,7 @@ class QASource:
             raise ValueError(f"context={context!r}; expected one of {CONTEXT_KINDS}")
         self.path = Path(path)
         self.format, records = read_qa(self.path, format)
-        self.split, self.template, self.context = split, template, context
+        self.split, self.template, self.context, self.queries_per_context = split, template, context, queries_per_context
         self.validation_share = VALIDATION_SHARES[self.format] if validation_share is None else validation_share
         records = split_records(records, split, self.validation_share)
         if not records:
@@ -561,4 +587,7 @@ class QASource:
         return dict(self.records[int(index)])
 
     def __repr__(self) -> str:
-        return f"QASource({str(self.path)!r}, format={self.format!r}, split={self.split!r}, context={self.context!r})"
+        return (
+            f"QASource({str(self.path)!r}, format={self.format!r}, split={self.split!r}, context={self.context!r}, "
+            f"queries_per_context={self.queries_per_context})"
+        )

@@ -21,6 +21,7 @@ from d2l_jax.data.qa_sets import (
     closed_qa_prompt,
     contexts,
     is_held_out,
+    paired_questions,
     load_qa,
     read_qa,
     split_records,
@@ -389,3 +390,28 @@ def test_swapped_answers_make_the_answer_depend_on_the_document(tmp_path):
         assert record["response"] in record["context"] and first["response"] not in record["context"]
         assert record["group"] == first["group"]
     assert swap_answers(list(original), seed=0) == swap_answers(list(original), seed=0)
+
+
+def test_paired_questions_give_each_drawn_question_once_per_context_kind(tmp_path):
+    paragraphs = [
+        ("The vault opened in 1858 in Lisbon.", [qa("When did the vault open?", "1858"), qa("Where is the vault?", "Lisbon")]),
+        ("The bridge was finished in 1932 near Porto.", [qa("When was the bridge finished?", "1932"), qa("Near which city?", "Porto")]),
+        ("The tower is made of stone.", [qa("What is the tower made of?", "stone"), qa("Who built it?", "nobody knows")]),
+    ]
+    path = write_json(tmp_path / "squad.json", squad(("Places", paragraphs)))
+    pairs = paired_questions(path, ("passage", "answer_swapped"), split="all", max_questions=3, seed=1)
+    swappable = {closed_qa_prompt(q) for q in ("When did the vault open?", "Where is the vault?", "When was the bridge finished?", "Near which city?")}
+    assert len(pairs) == 6
+    for original, twin in zip(pairs[::2], pairs[1::2]):
+        assert original["id"] == twin["id"] and original["prompt"] == twin["prompt"]
+        assert original["prompt"] in swappable
+        assert original["response"] in original["context"] and twin["response"] in twin["context"]
+        assert original["response"] != twin["response"] and original["context"] != twin["context"]
+    # only questions both kinds serve ("Who built it?" has no swapped twin), drawn without repeats
+    everything = paired_questions(path, ("passage", "answer_swapped"), split="all")
+    assert len({r["id"] for r in everything}) == 4 and "Who built it?" not in str([r["prompt"] for r in everything])
+    assert paired_questions(path, ("passage", "answer_swapped"), split="all", max_questions=3, seed=1) == pairs
+    with pytest.raises(ValueError, match="distinct kinds"):
+        paired_questions(path, ("passage", "passage"), split="all")
+    with pytest.raises(ValueError, match="max_questions=0"):
+        paired_questions(path, ("passage",), split="all", max_questions=0)

@@ -16,6 +16,7 @@ from d2l_jax.models.base_model import BaseExecution
 from d2l_jax.train.distillation import DistillationLoss
 
 TEACHERS = ("online", "offline")
+FIRST_MOMENT_DTYPES = ("float32", "bfloat16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,6 +32,8 @@ class TrainConfig:
       scalers, biases and latent queries), linear warmup over ``warmup_steps`` then cosine to
       ``min_learning_rate`` at ``steps``, global-norm clipping at ``max_grad_norm``; the Perceiver's
       updates are multiplied by ``perceiver_lr_scale`` (0 freezes it at its initialisation).
+      ``first_moment_dtype="bfloat16"`` keeps AdamW's first moment in bfloat16 (this project's addition,
+      off by default: it saves a sixth of the training state, 0.3 GB for the NIAH configuration).
     Batch: ``batch_size`` (query, context) rows per micro-batch, ``grad_accum_steps`` micro-batches per
       update (gradients averaged, one optimizer step).
     Encoder: ``encoder_chunk_rows`` chunk rows of a micro-batch go through the context encoder and Perceiver
@@ -61,6 +64,7 @@ class TrainConfig:
     weight_decay: float = 0.01
     max_grad_norm: float = 1.0
     perceiver_lr_scale: float = 1.0
+    first_moment_dtype: str = "float32"
     batch_size: int = 1
     grad_accum_steps: int = 1
     encoder_chunk_rows: int = 0
@@ -78,6 +82,8 @@ class TrainConfig:
         for name in ("top_k", "steps", "batch_size", "grad_accum_steps", "max_nonfinite_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.first_moment_dtype not in FIRST_MOMENT_DTYPES:
+            raise ValueError(f"first_moment_dtype={self.first_moment_dtype!r}; expected one of {FIRST_MOMENT_DTYPES}")
         if self.perceiver_lr_scale < 0:
             raise ValueError(f"perceiver_lr_scale must be >= 0 (0 freezes the Perceiver), got {self.perceiver_lr_scale}")
         if self.encoder_chunk_rows < 0:

@@ -23,6 +23,7 @@ from d2l_jax.hypernet.config import HypernetConfig
 from d2l_jax.hypernet.head import without_generated_b
 from d2l_jax.hypernet.hypernet import abstract_hypernet, join_stats, split_stats
 from d2l_jax.models.base_model import BaseModel
+from d2l_jax.train.aot import abstract_batch
 from d2l_jax.train.checkpoint import CheckpointCorruptError, Checkpointer, CheckpointMismatchError, base_identity, check_base
 from d2l_jax.train.config import RunConfig
 from d2l_jax.train.metrics import MetricsWriter, StopOnSignal
@@ -176,6 +177,7 @@ def _train(run: RunConfig, workdir: Path, base, evaluator, stop_after, resume_st
     base = base or run.base_execution.load(run.model)
     trainer = Trainer(run.hypernet, base.config, run.train, execution=run.execution)
     base_params = trainer.put_base_params(base.params)
+    trainer.compile(trainer.abstract_state(), base_params, abstract_batch(run, trainer.batch_sharding))
     identity = base_identity(run.model, base.config, base.params)
 
     record_stats = RecordStats()

@@ -28,16 +28,17 @@ def learning_rate_schedule(config: TrainConfig) -> optax.Schedule:
 
 
 def adamw(
-    learning_rate: optax.ScalarOrSchedule, *, b1: float, b2: float, eps: float, weight_decay: float, mask=None
+    learning_rate: optax.ScalarOrSchedule, *, b1: float, b2: float, eps: float, weight_decay: float, mask=None, mu_dtype=None
 ) -> optax.GradientTransformation:
     """Torch's AdamW: ``param -= lr * (adam(grad) + weight_decay * param)``, the decay decoupled from the
-    gradient (and applied only where ``mask`` says, if given).
+    gradient (and applied only where ``mask`` says, if given); the first moment in ``mu_dtype`` (None: the
+    parameters' dtype).
 
     ``learning_rate`` is a float, a schedule of the step count, or a traced scalar: a jitted step that
     builds the optimizer from its learning-rate argument compiles once for every schedule (the optimizer
     state does not depend on the rate).
     """
-    return optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=mask)
+    return optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, mu_dtype=mu_dtype, weight_decay=weight_decay, mask=mask)
 
 
 def weight_decay_mask(params) -> dict:
@@ -70,6 +71,7 @@ def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
             eps=config.eps,
             weight_decay=config.weight_decay,
             mask=weight_decay_mask,
+            mu_dtype=None if config.first_moment_dtype == "float32" else config.first_moment_dtype,
         ),
         optax.masked(optax.scale(config.perceiver_lr_scale), perceiver_mask),
     )

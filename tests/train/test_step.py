@@ -193,6 +193,25 @@ def test_perceiver_lr_scale_scales_only_the_perceivers_updates(base_params):
     jax.tree.map(close, frozen["head"], full["head"])
 
 
+def test_a_bfloat16_first_moment_halves_it_and_steps_as_float32_does(base_params):
+    batch, updates, states = random_batch(), {}, {}
+    for dtype in ("float32", "bfloat16"):
+        trainer = Trainer(HYPER, BASE, TrainConfig(batch_size=2, first_moment_dtype=dtype, **SGD_LIKE))
+        state = trainer.init_state()
+        before = jax.device_get(state.params)
+        state, _ = trainer.step(state, trainer.put_base_params(base_params), trainer.put_batch(batch))
+        updates[dtype] = jax.tree.map(lambda new, old: np.asarray(new) - np.asarray(old), jax.device_get(state.params), before)
+        states[dtype] = state
+    is_adam = lambda x: isinstance(x, optax.ScaleByAdamState)
+    adam = lambda state: next(s for s in jax.tree.leaves(state.opt_state, is_leaf=is_adam) if is_adam(s))
+    assert {x.dtype for x in jax.tree.leaves(adam(states["bfloat16"]).mu)} == {np.dtype(jax.numpy.bfloat16)}
+    assert {x.dtype for x in jax.tree.leaves(adam(states["bfloat16"]).nu)} == {np.dtype(np.float32)}
+    assert {x.dtype for x in jax.tree.leaves(adam(states["float32"]).mu)} == {np.dtype(np.float32)}
+    # the first step's update is lr * mu / sqrt(nu) with mu = (1 - b1) g, nu = (1 - b2) g^2: a sign of
+    # the gradient; in bfloat16 mu keeps 8 bits of it, so updates agree to bfloat16's precision
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-2, atol=1e-6), updates["bfloat16"], updates["float32"])
+
+
 def test_bad_configs_are_rejected():
     with pytest.raises(ValueError, match="full_kl"):
         TrainConfig(loss="full_kl", teacher="offline")
@@ -202,6 +221,8 @@ def test_bad_configs_are_rejected():
         TrainConfig(warmup_steps=10, steps=10)
     with pytest.raises(ValueError, match="perceiver_lr_scale"):
         TrainConfig(perceiver_lr_scale=-0.1)
+    with pytest.raises(ValueError, match="first_moment_dtype"):
+        TrainConfig(first_moment_dtype="float16")
 
 
 def test_questions_sharing_a_context_equal_that_context_repeated_per_question(base_params):

@@ -51,7 +51,8 @@ def learning_curve(metrics_path: str | Path, png_path: str | Path, title: str = 
 def qa_validation_curve(metrics_path: str | Path, png_path: str | Path, title: str = "") -> None:
     """A QA run from its ``metrics.jsonl`` (the ``qa`` evaluator's metrics): training loss, then the
     validation gold answer's log-likelihood and token F1 of the student (no document) and its control
-    (another document's adapter) against step, with the base model without and with the document as lines."""
+    (another document's adapter) against step, with their 95% intervals where the metrics hold them, and the
+    base model without and with the document as lines."""
     rows = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
     fig = Figure(figsize=(13, 3.8))
     loss_axis, likelihood_axis, f1_axis = fig.subplots(1, 3)
@@ -66,9 +67,12 @@ def qa_validation_curve(metrics_path: str | Path, png_path: str | Path, title: s
     loss_axis.set(xlabel="step", ylabel="training loss", title=title)
     for axis, metric, label in ((likelihood_axis, "gold_log_likelihood", "gold answer log-likelihood / token"), (f1_axis, "f1", "token F1")):
         for method, style in (("d2l", dict(color="tab:red", marker="o")), ("d2l_control", dict(color="tab:orange", marker="x"))):
-            points = [(r["step"], r[f"eval/{method}_{metric}"]) for r in rows if f"eval/{method}_{metric}" in r]
+            key = f"eval/{method}_{metric}"
+            points = [(r["step"], r[key], r.get(f"{key}_low", r[key]), r.get(f"{key}_high", r[key])) for r in rows if key in r]
             if points:
-                axis.plot(*zip(*points), label="D2L" if method == "d2l" else "control (another document)", **style)
+                steps, means, lows, highs = np.array(points).T
+                label = "D2L" if method == "d2l" else "control (another document)"
+                axis.errorbar(steps, means, yerr=(means - lows, highs - means), capsize=3, label=label, **style)
         for method, style in (("no_document", dict(color="gray")), ("in_context", dict(color="tab:blue"))):
             values = [r[f"eval/{method}_{metric}"] for r in rows if f"eval/{method}_{metric}" in r]
             if values:

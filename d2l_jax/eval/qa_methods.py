@@ -46,6 +46,7 @@ METHODS = ("no_document", "in_context", "d2l", "d2l_control", "cd_generated", "c
 D2L_METHODS = ("d2l", "d2l_control")
 CD_METHODS = ("cd_generated", "cd_oracle")
 METRICS = ("f1", "recall", "em", "gold_log_likelihood")
+_VALIDATION_METRICS = ("f1", "gold_log_likelihood")
 CD_QUESTION_ROUNDS = 4  # the reference's CD writes questions in 4 rounds for SQuAD, DROP and ROPES
 
 # (adapter or None, document in the prompt or None) under which one question is answered.
@@ -450,6 +451,11 @@ class QAEvaluator:
     student without the document and the control (an unrelated document's adapter); ``baseline`` gives
     the base model with the document (ceiling) and without it (floor).
 
+    Each ``eval/{method}_{metric}`` mean comes with its 95% bootstrap interval over the questions
+    (``..._low``, ``..._high``) and the question count (``eval/questions``); the student's lead over the
+    control, ``eval/d2l_minus_control_{metric}``, with its paired bootstrap interval (the same questions
+    drawn for both): the paragraph's own adapter helps where that interval lies above 0.
+
     Args:
       base: the frozen base model.
       path, format: a QA data file and its format (``data.qa_sets``; None: detected).
@@ -468,17 +474,27 @@ class QAEvaluator:
         self.base, self.max_new_tokens = base, max_new_tokens
         self.documents = plan_documents(QASource(path, format, split, template="none", context=context).records, questions, seed)
 
-    def _scores(self, method: str, update: Update) -> dict[str, float]:
+    def _scores(self, method: str, update: Update) -> dict[str, list[float]]:
         records = evaluate_documents(self.base, method, update, self.documents, self.max_new_tokens)
         rows = [row for record in records for row in record["questions"]]
-        return {metric: float(np.mean([r[metric] for r in rows])) for metric in ("f1", "gold_log_likelihood")}
+        return {metric: [r[metric] for r in rows] for metric in _VALIDATION_METRICS}
 
     def _run(self, d2l: D2L | None, methods: Sequence[str]) -> dict[str, Any]:
         updates = method_updates(self.base, d2l, methods)
+        scores = {method: self._scores(method, updates[method]) for method in methods}
         metrics = {}
-        for method in methods:
-            for metric, value in self._scores(method, updates[method]).items():
-                metrics[f"eval/{method}_{metric}"] = value
+        for method, columns in scores.items():
+            for metric, values in columns.items():
+                summary = mean_and_interval(values)
+                metrics |= {f"eval/{method}_{metric}": summary["mean"], f"eval/{method}_{metric}_low": summary["low"],
+                            f"eval/{method}_{metric}_high": summary["high"]}  # fmt: skip
+                metrics["eval/questions"] = float(summary["n"])
+        if {"d2l", "d2l_control"} <= scores.keys():
+            for metric in _VALIDATION_METRICS:
+                columns = {"own": scores["d2l"][metric], "control": scores["d2l_control"][metric]}
+                low, high = paired_bootstrap_interval(lambda own, control: own - control, columns)
+                lead = f"eval/d2l_minus_control_{metric}"
+                metrics |= {lead: float(np.mean(columns["own"]) - np.mean(columns["control"])), f"{lead}_low": low, f"{lead}_high": high}
         return metrics
 
     def baseline(self) -> dict[str, Any]:

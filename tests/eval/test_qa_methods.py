@@ -151,10 +151,19 @@ def test_evaluator_reports_student_control_and_the_base_models_bounds(tiny_d2l, 
     path = tmp_path / "squad.json"
     path.write_text(json.dumps(data))
     evaluator = QAEvaluator(tiny_d2l.base, str(path), split="all", questions=2, max_new_tokens=4)
-    assert set(evaluator.baseline()) == {f"eval/{m}_{k}" for m in ("no_document", "in_context") for k in ("f1", "gold_log_likelihood")}
+    keys = lambda methods: {f"eval/{m}_{k}{end}" for m in methods for k in ("f1", "gold_log_likelihood") for end in ("", "_low", "_high")}
+    assert set(evaluator.baseline()) == keys(("no_document", "in_context")) | {"eval/questions"}
     metrics = evaluator(tiny_d2l)
-    assert set(metrics) == {f"eval/{m}_{k}" for m in ("d2l", "d2l_control") for k in ("f1", "gold_log_likelihood")}
+    assert set(metrics) == keys(("d2l", "d2l_control", "d2l_minus_control")) | {"eval/questions"}
     assert all(np.isfinite(v) for v in metrics.values())
+    questions = sum(len(d.questions) for d in evaluator.documents)
+    assert metrics["eval/questions"] == questions >= 2
+    for name in ("d2l", "d2l_control", "d2l_minus_control"):
+        for metric in ("f1", "gold_log_likelihood"):
+            key = f"eval/{name}_{metric}"
+            assert metrics[f"{key}_low"] <= metrics[key] <= metrics[f"{key}_high"], key
+    lead = metrics["eval/d2l_gold_log_likelihood"] - metrics["eval/d2l_control_gold_log_likelihood"]
+    np.testing.assert_allclose(metrics["eval/d2l_minus_control_gold_log_likelihood"], lead, rtol=1e-9, atol=1e-12)
     sentences = QAEvaluator(tiny_d2l.base, str(path), split="all", questions=5, max_new_tokens=4, context="answer_sentence")
     assert {d.context for d in sentences.documents} == {
         "The vault of the old bank in Lisbon opens with the code 4817.", "Lisbon lies on the Tagus river.",

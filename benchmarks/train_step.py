@@ -27,6 +27,7 @@ from common import PRECISIONS, hypernet_config, load_smollm2, matmul_gflops, pea
 _CASES = flags.DEFINE_list("cases", ["main:top_k_kl", "main:ce", "niah:ce"], "CONFIG:LOSS cases.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed steps per case.")
 _PRECISION = flags.DEFINE_enum("precision", "float32", PRECISIONS, "Base model and hypernetwork matmuls (see common.load_smollm2).")
+_FIRST_MOMENT = flags.DEFINE_enum("first_moment_dtype", "float32", ["float32", "bfloat16"], "AdamW's first moment (train.first_moment_dtype).")
 _CASE = flags.DEFINE_string("case", None, "Internal: run one case and print JSON.")
 
 CONTEXT, STUDENT, LABELS, TOP_K = 256, 64, 16, 16
@@ -56,7 +57,7 @@ def batch(vocab: int, with_targets: bool) -> dict:
     return b
 
 
-def run_case(case: str, repeats: int, precision: str) -> dict:
+def run_case(case: str, repeats: int, precision: str, first_moment_dtype: str) -> dict:
     import jax
 
     import d2l_jax
@@ -67,7 +68,7 @@ def run_case(case: str, repeats: int, precision: str) -> dict:
     base = load_smollm2(precision)
     hyper, execution = hypernet_config(config_name, precision)
     hyper = hyper.replace(max_chunk_len=CONTEXT)
-    trainer = Trainer(hyper, base.config, TrainConfig(loss=loss, teacher="offline", batch_size=1, steps=1000), execution=execution)
+    trainer = Trainer(hyper, base.config, TrainConfig(loss=loss, teacher="offline", batch_size=1, steps=1000, first_moment_dtype=first_moment_dtype), execution=execution)
     base_params = trainer.put_base_params(base.params)
     data = trainer.put_batch(batch(base.config.vocab_size, loss == "top_k_kl"))
     start = time.perf_counter()
@@ -98,11 +99,11 @@ def run_case(case: str, repeats: int, precision: str) -> dict:
 def main(argv):
     del argv
     if _CASE.value:
-        print(json.dumps(run_case(_CASE.value, _REPEATS.value, _PRECISION.value)))
+        print(json.dumps(run_case(_CASE.value, _REPEATS.value, _PRECISION.value, _FIRST_MOMENT.value)))
         return
     rows = []
     for case in _CASES.value:
-        command = [sys.executable, __file__, f"--case={case}", f"--repeats={_REPEATS.value}", f"--precision={_PRECISION.value}"]
+        command = [sys.executable, __file__, f"--case={case}", f"--repeats={_REPEATS.value}", f"--precision={_PRECISION.value}", f"--first_moment_dtype={_FIRST_MOMENT.value}"]
         result = subprocess.run(command, capture_output=True, text=True)
         if result.returncode:
             print(f"{case} failed:\n{result.stderr[-2000:]}", flush=True)

@@ -33,7 +33,7 @@ class TrainConfig:
       ``min_learning_rate`` at ``steps``, global-norm clipping at ``max_grad_norm``; the Perceiver's
       updates are multiplied by ``perceiver_lr_scale`` (0 freezes it at its initialisation).
       ``first_moment_dtype="bfloat16"`` keeps AdamW's first moment in bfloat16 (this project's addition,
-      off by default: it saves a sixth of the training state, 0.3 GB for the NIAH configuration).
+      off by default: a sixth of the training state, but on the CPU the step's temporaries grow by more).
     Batch: ``batch_size`` (query, context) rows per micro-batch, ``grad_accum_steps`` micro-batches per
       update (gradients averaged, one optimizer step).
     Encoder: ``encoder_chunk_rows`` chunk rows of a micro-batch go through the context encoder and Perceiver

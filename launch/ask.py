@@ -6,7 +6,11 @@ beside the base model's answer without it:
 
 ``--pretrained`` is a shipped name (``d2l_jax.pretrained.available()``) or a directory written by
 ``D2L.save_pretrained``; ``--checkpoint`` takes a training workdir instead. ``--in_context`` also prints the
-base model's answer with the document in its prompt.
+base model's answer with the document in its prompt. ``--template=closed_qa`` puts the question in the
+reference's closed-QA instruction, as the QA hypernetworks were trained and evaluated::
+
+    python -m launch.ask --pretrained=smollm2-135m-qa --document=docs/examples/ministry_of_defence.txt \
+        --template=closed_qa --question="During what years did the five Departments of State do the work of the modern Ministry of Defence?"
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ _DOCUMENT = flags.DEFINE_string("document", None, "text file to internalize", re
 _QUESTION = flags.DEFINE_string("question", None, "the question, asked without the document", required=True)
 _MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 64, "longest answer in tokens")
 _IN_CONTEXT = flags.DEFINE_bool("in_context", False, "also answer with the document in the prompt")
+_TEMPLATE = flags.DEFINE_enum("template", "none", ["none", "closed_qa"], "the question as given, or in the closed-QA instruction")
 
 
 def main(argv):
@@ -39,9 +44,11 @@ def main(argv):
 
     from d2l_jax.api import D2L
     from d2l_jax.data.examples import student_messages
+    from d2l_jax.data.qa_sets import closed_qa_prompt
 
     d2l = D2L.from_pretrained(_PRETRAINED.value) if _PRETRAINED.value else D2L.load(_CHECKPOINT.value)
-    question = [student_messages(_QUESTION.value)]
+    prompt = closed_qa_prompt(_QUESTION.value) if _TEMPLATE.value == "closed_qa" else _QUESTION.value
+    question = [student_messages(prompt)]
     d2l.internalize(text)  # compiles; the timed run below is what a second document costs
     start = time.perf_counter()
     adapter = jax.block_until_ready(d2l.internalize(text))
@@ -53,7 +60,7 @@ def main(argv):
     print(f"D2L, document internalized (not in the prompt): {answer!r}")
     print(f"base model, no document:                        {without!r}")
     if _IN_CONTEXT.value:
-        with_document = d2l.base.generate([student_messages(_QUESTION.value, context=text)], max_new_tokens=_MAX_NEW_TOKENS.value)[0]
+        with_document = d2l.base.generate([student_messages(prompt, context=text)], max_new_tokens=_MAX_NEW_TOKENS.value)[0]
         print(f"base model, document in the prompt:             {with_document!r}")
 
 

@@ -25,7 +25,7 @@ from d2l_jax.hypernet.adapter import (
     stack_adapters,
 )
 from d2l_jax.hypernet.config import HypernetConfig, HypernetExecution
-from d2l_jax.hypernet.hypernet import abstract_hypernet, init_hypernet, param_count
+from d2l_jax.hypernet.hypernet import abstract_hypernet, init_hypernet, matmul_weights_in, param_count
 from d2l_jax.models.base_model import BaseExecution, BaseModel
 from d2l_jax.models.lora import LoRA
 from d2l_jax.train.checkpoint import (
@@ -58,6 +58,14 @@ class D2L:
         self.params = params
         self.adapter: Adapter | None = None
         self._affixes = None
+        self._weights: tuple[Any, str, Any] | None = None  # (params, dtype, matmul_weights_in(params, dtype))
+
+    def _inference_params(self):
+        """The variables with their matmul weights in the execution's compute dtype, cast once per
+        (params, dtype) rather than inside every call."""
+        if self._weights is None or self._weights[0] is not self.params or self._weights[1] != self.execution.dtype:
+            self._weights = (self.params, self.execution.dtype, matmul_weights_in(self.params, self.execution.dtype))
+        return self._weights[2]
 
     @classmethod
     def create(
@@ -194,7 +202,7 @@ class D2L:
         if not documents:
             raise ValueError("no documents given")
         split = [self.document_chunks(d) for d in documents]
-        args = (self.config, self.execution, self.base.config, self.base.params, self.params)
+        args = (self.config, self.execution, self.base.config, self.base.params, self._inference_params())
         fitting = [i for i, (chunks, _) in enumerate(split) if len(chunks) <= self.config.max_chunks]
         adapters: dict[int, Adapter] = {}
         if fitting:

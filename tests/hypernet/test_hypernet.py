@@ -10,6 +10,7 @@ from flax import linen as nn
 
 import d2l_jax
 from d2l_jax.hypernet import hypernet as hn
+from d2l_jax.hypernet.adapter import batched_adapters
 from d2l_jax.hypernet.encoder import context_features
 from d2l_jax.hypernet.head import LoRAHead, pad_to_base_layers, without_generated_b
 from d2l_jax.models.families import DecoderConfig
@@ -486,3 +487,28 @@ def test_centering_subtracts_the_stored_or_the_batch_mean_from_the_head_inputs()
     for got, want in zip(on_batch, on_stored):
         for module in config.target_modules:
             np.testing.assert_allclose(got[module], want[module], rtol=1e-5, atol=1e-6)
+
+
+def test_matmul_weights_in_the_compute_dtype_give_adapters_within_bfloat16_precision(tiny_base):
+    """D2L casts its matmul weights to a bfloat16 execution's compute dtype once instead of per call. The
+    norms, biases, scalers, latent queries and the bias LoRA stay float32, and the adapters agree with the
+    float32 execution's to bfloat16's precision (an 8-bit significand: 2**-8 relative per rounding, a few
+    roundings deep), where XLA on the CPU otherwise keeps float32 weights in float32 (excess precision)."""
+    hyper = TINY_HYPER.replace(center_head_input=True)
+    d2l = randomized(d2l_jax.D2L.create(tiny_base, hyper, seed=0, execution=TINY_EXECUTION.replace(dtype="bfloat16")))
+    cast = hn.matmul_weights_in(d2l.params, "bfloat16")
+    dtypes = {jax.tree_util.keystr(p): x.dtype for p, x in jax.tree_util.tree_leaves_with_path(cast)}
+    for name in ("['perceiver']['encoder']['layers']['q_proj']", "['head']['head']", "['perceiver']['modality_projection']['up_proj']['kernel']"):
+        assert dtypes[name] == jnp.bfloat16, name
+    for name in ("['head']['bias_A_down_proj']", "['head']['bias_B_down_proj']", "['perceiver']['encoder']['latents_q']", "['head']['scaler_A_down_proj']"):
+        assert dtypes[name] == jnp.float32, name
+    assert hn.matmul_weights_in(d2l.params, "float32") is d2l.params
+    documents = [d2l.document_chunks(doc) for doc in DOCS]
+    run = lambda execution, params: jax.tree.leaves(batched_adapters(d2l.config, execution, tiny_base.config, tiny_base.params, params, documents))
+    for x, y in zip(run(d2l.execution, cast), run(TINY_EXECUTION, d2l.params)):
+        x, y = np.asarray(x, np.float32), np.asarray(y, np.float32)
+        assert np.abs(x - y).max() <= 2**-6 * np.abs(y).max()
+    first = d2l._inference_params()
+    assert d2l._inference_params() is first  # cast once
+    d2l.params = jax.tree.map(lambda x: x * 2, d2l.params)
+    assert d2l._inference_params() is not first  # new parameters, cast again

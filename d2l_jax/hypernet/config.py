@@ -172,6 +172,9 @@ class HypernetExecution:
     """How a hypernetwork runs, whatever checkpoint it runs (never saved as part of the weights' definition).
 
     dtype: compute dtype of the hypernetwork's matmuls (parameters stay float32; norms and softmax float32).
+      On a CPU, XLA computes a float32 weight cast to bfloat16 inside a program in float32 (excess
+      precision), so training in bfloat16 runs the hypernetwork's matmuls in float32 there; ``D2L``
+      (inference) stores its matmul weights in bfloat16 (``hypernet.matmul_weights_in``) and runs them in it.
     scan_unroll: Perceiver blocks per iteration of their loop (``num_blocks``: no loop); XLA's CPU backend
       runs a loop's body on one thread, so CPUs want it unrolled, TPUs and GPUs want 1.
     iterative: run the Perceiver one base layer at a time (same outputs, lower peak memory).

@@ -71,8 +71,8 @@ def qa_validation_curve(metrics_path: str | Path, png_path: str | Path, title: s
             points = [(r["step"], r[key], r.get(f"{key}_low", r[key]), r.get(f"{key}_high", r[key])) for r in rows if key in r]
             if points:
                 steps, means, lows, highs = np.array(points).T
-                label = "D2L" if method == "d2l" else "control (another document)"
-                axis.errorbar(steps, means, yerr=(means - lows, highs - means), capsize=3, label=label, **style)
+                name = "D2L" if method == "d2l" else "control (another document)"
+                axis.errorbar(steps, means, yerr=(means - lows, highs - means), capsize=3, label=name, **style)
         for method, style in (("no_document", dict(color="gray")), ("in_context", dict(color="tab:blue"))):
             values = [r[f"eval/{method}_{metric}"] for r in rows if f"eval/{method}_{metric}" in r]
             if values:

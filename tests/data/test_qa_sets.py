@@ -287,7 +287,7 @@ def test_the_qa_source_serves_templated_prompts(tmp_path):
     record = validation[0]
     assert record["prompt"] == CLOSED_QA_TEMPLATE.format(question="Question 3.0.0?") == closed_qa_prompt("Question 3.0.0?")
     assert record["prompt"].startswith("Answer the following question. Output only the answer") and record_problem(record) is None
-    assert repr(validation) == f"QASource({str(path)!r}, format='squad', split='validation', context='passage')"
+    assert repr(validation) == f"QASource({str(path)!r}, format='squad', split='validation', context='passage', queries_per_context=1)"
     [raw] = make_sources(SourceConfig("qa", {"path": str(path), "template": "none", "split": "all"}), None, 0)
     assert raw[0]["prompt"] == "Question 0.0.0?" and len(raw) == 160
     with pytest.raises(ValueError, match=r"data source 'qa': missing options \[\], unknown options \['shuffle'\]"):

@@ -4,7 +4,11 @@ import json
 import os
 import sys
 
-os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+# The simulated devices share the CPU with the test's other processes: a device thread can wait well past
+# XLA's 40 s before a collective's other participants arrive, which is starvation, not a deadlock.
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8 --xla_cpu_collective_call_terminate_timeout_seconds=600"
+)
 
 import functools  # noqa: E402
 

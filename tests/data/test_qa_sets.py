@@ -370,12 +370,18 @@ def test_training_batches_of_grouped_questions_have_a_row_per_question(tmp_path,
     assert len(questions) in (4, 6)  # two of the groups of 3, 3 and 1 questions
 
 
-def test_swapped_answers_make_the_answer_depend_on_the_document(tmp_path):
-    paragraphs = [
+def swappable_paragraphs():
+    """Three paragraphs: number and name answers with donors of their kind, and two answers without (no other
+    "other" answer in a paragraph; an answer not in its paragraph)."""
+    return [
         ("The vault opened in 1858 in Lisbon.", [qa("When did the vault open?", "1858"), qa("Where is the vault?", "Lisbon")]),
         ("The bridge was finished in 1932 near Porto.", [qa("When was the bridge finished?", "1932"), qa("Near which city?", "Porto")]),
         ("The tower is made of stone.", [qa("What is the tower made of?", "stone"), qa("Who built it?", "nobody knows")]),
     ]
+
+
+def test_swapped_answers_make_the_answer_depend_on_the_document(tmp_path):
+    paragraphs = swappable_paragraphs()
     path = write_json(tmp_path / "squad.json", squad(("Places", paragraphs)))
     original = QASource(path, split="all", template="none")
     swapped = QASource(path, split="all", template="none", context="answer_swapped")
@@ -393,11 +399,7 @@ def test_swapped_answers_make_the_answer_depend_on_the_document(tmp_path):
 
 
 def test_paired_questions_give_each_drawn_question_once_per_context_kind(tmp_path):
-    paragraphs = [
-        ("The vault opened in 1858 in Lisbon.", [qa("When did the vault open?", "1858"), qa("Where is the vault?", "Lisbon")]),
-        ("The bridge was finished in 1932 near Porto.", [qa("When was the bridge finished?", "1932"), qa("Near which city?", "Porto")]),
-        ("The tower is made of stone.", [qa("What is the tower made of?", "stone"), qa("Who built it?", "nobody knows")]),
-    ]
+    paragraphs = swappable_paragraphs()
     path = write_json(tmp_path / "squad.json", squad(("Places", paragraphs)))
     pairs = paired_questions(path, ("passage", "answer_swapped"), split="all", max_questions=3, seed=1)
     swappable = {closed_qa_prompt(q) for q in ("When did the vault open?", "Where is the vault?", "When was the bridge finished?", "Near which city?")}

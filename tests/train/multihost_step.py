@@ -28,6 +28,9 @@ parser.add_argument("--wait_for", default=None, help="before restoring, wait unt
 parser.add_argument("--out", required=True)
 args = parser.parse_args()
 
+# A thread pool larger than the devices' collectives in flight (see sharded_step.py).
+os.environ.setdefault("PJRT_NPROC", "32")
+
 import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", DEVICES // args.processes)

@@ -4,8 +4,13 @@ import json
 import os
 import sys
 
-# The simulated devices share the CPU with the test's other processes: a device thread can wait well past
-# XLA's 40 s before a collective's other participants arrive, which is starvation, not a deadlock.
+# XLA runs parts of each device's program on one shared pool of as many threads as the CPU has cores, and a
+# collective blocks its thread until every participant arrives: on a 2-core machine two devices waiting in
+# collectives can hold the whole pool while their peers queue behind them (a CI run hung 600 s this way;
+# PJRT_NPROC=1 reproduces it). A pool larger than the devices' collectives in flight cannot fill up.
+os.environ.setdefault("PJRT_NPROC", "32")
+# The simulated devices also share the CPU with the test's other processes: a device thread can wait well
+# past XLA's 40 s before a collective's other participants arrive.
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8 --xla_cpu_collective_call_terminate_timeout_seconds=600"
 )

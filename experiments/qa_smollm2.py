@@ -80,7 +80,7 @@ def get_config(variant: str = "kl") -> ml_collections.ConfigDict:
         max_teacher_len=0 if variant == "ce" else 352,
     )
     config.evaluator = dict(
-        name="qa", options=dict(path=SQUAD, split="validation", questions=48, max_new_tokens=32)
+        name="qa", options=dict(path=SQUAD, split="validation", context="passage", questions=48, max_new_tokens=32)
     )
     config.eval_every = 200
     config.checkpoint_every = 200

@@ -10,7 +10,8 @@ shipped needle hypernetwork's Perceiver. Variants: ``kl`` (answer sentences for 
 passages), ``mixed`` (both together throughout), ``ce`` (``kl`` on the gold answers, no teacher),
 ``sentences`` (a diagnostic: answer sentences only, validated on held-out answer sentences), ``per_layer``
 (the reference's per-layer reader on all layers, fresh), ``grouped`` (four questions of a passage sharing its
-internalization), ``swapped`` (original and answer-swapped passages mixed, see the variant). Validation
+internalization), ``swapped`` (original and answer-swapped passages mixed, see the variant), ``needles``
+(keyed numbers hidden in the passages, one asked for: a reading task between NIAH and SQuAD). Validation
 every ``eval_every`` steps: QA token F1 and the gold answer's log-likelihood on held-out SQuAD articles of the
 student without the paragraph, of the control (another paragraph's adapter), and at step 0 the base model
 with and without the paragraph. Runs and their curves: ``results/qa_smollm2/``.
@@ -23,7 +24,7 @@ import ml_collections
 from d2l_jax.hypernet.config import HypernetConfig
 
 SQUAD = "../shared/data/qa/squad-train-v1.1.json.gz"
-VARIANTS = ("kl", "ce", "mixed", "sentences", "per_layer", "grouped", "swapped")
+VARIANTS = ("kl", "ce", "mixed", "sentences", "per_layer", "grouped", "swapped", "needles")
 
 
 def get_config(variant: str = "kl") -> ml_collections.ConfigDict:
@@ -132,6 +133,18 @@ def get_config(variant: str = "kl") -> ml_collections.ConfigDict:
         config.data.source = squad(("passage", "answer_swapped"))
         config.data.warmup_source = None
         config.data.warmup_steps = 0
+        config.evaluator.options.questions = 96
+    if variant == "needles":
+        # Three keyed numbers hidden in each passage ("The code of the red door is 4721."), one of them asked
+        # for (context="keyed_needles"), validated on held-out passages' keyed needles: trained further on 16
+        # paragraphs and their answer-swapped twins, run 10's hypernetwork made a paragraph's and its twin's
+        # adapters 2% apart (unrelated paragraphs' 25%) and answered both alike, so its reader keeps which
+        # paragraph it read, not which span answers which question. The needle hypernetwork's reader found a
+        # marked number in noise; here it must find three in prose and keep each with its key.
+        config.data.source = squad("keyed_needles")
+        config.data.warmup_source = None
+        config.data.warmup_steps = 0
+        config.evaluator.options.context = "keyed_needles"
         config.evaluator.options.questions = 96
     if variant == "per_layer":
         # The reference's main-experiment reader instead of the needle one: layer l's adapter is generated

@@ -29,7 +29,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from d2l_jax.data.chunking import require_unicode_text
+from d2l_jax.data.niah import split_numbers
 
 QA_FORMATS = ("squad", "ropes", "drop", "longbench", "records")
 _NESTED_FORMATS = ("squad", "ropes")
@@ -48,8 +51,18 @@ CLOSED_QA_TEMPLATE = (
     "Answer the following question. Output only the answer and do not output any other words.\n\nQuestion: {question}"
 )
 PROMPT_TEMPLATES = ("closed_qa", "none")
-# What a training record's context is: its whole passage, or the passage's sentences that hold the answer.
-CONTEXT_KINDS = ("passage", "answer_sentence", "answer_swapped")
+# What a training record's context is: its whole passage, the passage's sentences that hold the answer, the
+# passage with its answer swapped for another's, or the passage with keyed needles asked instead of its question.
+CONTEXT_KINDS = ("passage", "answer_sentence", "answer_swapped", "keyed_needles")
+KEYED_NEEDLE = "The code of the {key} is {number:04d}."
+KEYED_QUESTION = "What is the code of the {key}?"
+NEEDLE_KEYS = (
+    "red door", "old bridge", "blue lantern", "silver key", "north tower", "green boat",
+    "copper bell", "stone well", "white horse", "glass jar", "tall clock", "wooden chest",
+)
+NEEDLES_PER_CONTEXT = 3
+# Numbers of keyed needles come from the NIAH splits' disjoint sets, so validation numbers are never trained on.
+_NEEDLE_NUMBERS = {"train": "train", "validation": "val", "all": "train"}
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 # A nested (SQuAD-layout) file is one JSON object whose first key is one of these.
 _NESTED_HEAD = re.compile(r'\{\s*"(?:data|version)"\s*:')
@@ -464,6 +477,29 @@ def swap_answers(records: list[dict[str, Any]], seed: int = 0) -> list[dict[str,
     return swapped
 
 
+def keyed_needles(records: list[dict[str, Any]], split: str, seed: int = 0, needles: int = NEEDLES_PER_CONTEXT) -> list[dict[str, Any]]:
+    """Records whose document is the passage with ``needles`` keyed needles (``KEYED_NEEDLE``: distinct keys
+    of ``NEEDLE_KEYS``, distinct 4-digit numbers of ``split``'s NIAH set) at sentence boundaries, and whose
+    question asks for one of them (``KEYED_QUESTION``; the number is the response and only gold answer).
+    Unlike the NIAH needle, the question names which of the passage's needles it wants, so an adapter must
+    keep each number with its key. Record ``i`` depends only on ``(seed, i)``; ``group`` is kept."""
+    if not 1 <= needles <= len(NEEDLE_KEYS):
+        raise ValueError(f"needles={needles} must be in [1, {len(NEEDLE_KEYS)}]")
+    numbers = split_numbers(_NEEDLE_NUMBERS[split])
+    keyed = []
+    for i, record in enumerate(records):
+        rng = np.random.default_rng([seed, i])
+        keys = [NEEDLE_KEYS[k] for k in rng.choice(len(NEEDLE_KEYS), needles, replace=False)]
+        values = [int(v) for v in rng.choice(numbers, needles, replace=False)]
+        sentences = _SENTENCE_END.split(record["context"].strip())
+        for key, value in zip(keys, values):
+            sentences.insert(int(rng.integers(len(sentences) + 1)), KEYED_NEEDLE.format(key=key, number=value))
+        asked = int(rng.integers(needles))
+        answer = f"{values[asked]:04d}"
+        keyed.append(dict(record, context=" ".join(sentences), prompt=KEYED_QUESTION.format(key=keys[asked]), response=answer, answers=[answer]))
+    return keyed
+
+
 def group_queries(records: list[dict[str, Any]], size: int) -> list[dict[str, Any]]:
     """One record per ``size`` questions of a context (fewer for a context's last ones): the first
     question's record with ``extra_queries``, the others' ``{"prompt", "response"}`` in order."""
@@ -541,7 +577,9 @@ class QASource:
     ``context="answer_sentence"`` replaces each record's context by ``answer_sentence(context, response)``
     (a short document that still holds the answer: an easier first lesson in reading than the passage);
     ``context="answer_swapped"`` serves ``swap_answers(records)`` (the passage with its answer replaced by
-    another question's: mixed with ``"passage"``, the answer depends on the document, not the question).
+    another question's: mixed with ``"passage"``, the answer depends on the document, not the question);
+    ``context="keyed_needles"`` serves ``keyed_needles(records, split)`` (keyed numbers hidden in the passage,
+    one of them asked for: a reading task between the NIAH needle and the passage's own questions).
     ``queries_per_context=Q`` serves a context's questions Q at a time (``group_queries``): the first as
     the record's ``prompt`` / ``response``, the others in its ``extra_queries``.
 
@@ -572,12 +610,14 @@ class QASource:
         records = split_records(records, split, self.validation_share)
         if not records:
             raise ValueError(f"{self.path}: the {split!r} split (validation_share={self.validation_share}) has no records")
-        if template == "closed_qa":
-            records = [dict(r, prompt=closed_qa_prompt(r["prompt"])) for r in records]
         if context == "answer_sentence":
             records = [dict(r, context=answer_sentence(r["context"], r["response"])) for r in records]
         if context == "answer_swapped":
             records = swap_answers(records)
+        if context == "keyed_needles":
+            records = keyed_needles(records, split)
+        if template == "closed_qa":
+            records = [dict(r, prompt=closed_qa_prompt(r["prompt"])) for r in records]
         self.records = group_queries(records, queries_per_context) if queries_per_context > 1 else records
 
     def __len__(self) -> int:

@@ -14,6 +14,9 @@ from d2l_jax.data.examples import EXTRA_QUERIES, BatchShapes, TrainExampleBuilde
 from d2l_jax.data.pipeline import record_problem, training_batches
 from d2l_jax.data.qa_sets import (
     CLOSED_QA_TEMPLATE,
+    KEYED_NEEDLE,
+    KEYED_QUESTION,
+    NEEDLE_KEYS,
     VALIDATION_SHARES,
     QASource,
     answer_kind,
@@ -21,6 +24,7 @@ from d2l_jax.data.qa_sets import (
     closed_qa_prompt,
     contexts,
     is_held_out,
+    keyed_needles,
     paired_questions,
     load_qa,
     read_qa,
@@ -324,7 +328,7 @@ def test_the_qa_source_can_serve_answer_sentences(tmp_path):
     assert [r["response"] for r in source] == ["Ada Byron", "Paris"] and source[0]["group"] == QASource(path, split="all")[0]["group"]
     both = make_sources(SourceConfig("qa", {"path": str(path), "split": "all", "context": ["answer_sentence", "passage"]}), None, 0)
     assert [s.context for s in both] == ["answer_sentence", "passage"] and both[1][0]["context"] == PASSAGE
-    with pytest.raises(ValueError, match=r"context='sentence'; expected one of \('passage', 'answer_sentence', 'answer_swapped'\)"):
+    with pytest.raises(ValueError, match=r"context='sentence'; expected one of \('passage', 'answer_sentence', 'answer_swapped', 'keyed_needles'\)"):
         QASource(path, context="sentence")
 
 
@@ -417,3 +421,26 @@ def test_paired_questions_give_each_drawn_question_once_per_context_kind(tmp_pat
         paired_questions(path, ("passage", "passage"), split="all")
     with pytest.raises(ValueError, match="max_questions=0"):
         paired_questions(path, ("passage",), split="all", max_questions=0)
+
+
+def test_keyed_needles_hide_numbers_in_the_passage_and_ask_for_one_of_them(tmp_path):
+    path = write_json(tmp_path / "squad.json", squad(("Places", swappable_paragraphs())))
+    original = QASource(path, split="all", template="none")
+    keyed = QASource(path, split="all", template="none", context="keyed_needles")
+    assert len(keyed) == len(original)
+    needle = re.compile(KEYED_NEEDLE.replace("{key}", "(?P<key>[a-z ]+)").replace("{number:04d}", r"(?P<number>\d{4})").replace(".", r"\."))
+    for before, record in zip(original, keyed):
+        found = {m["key"]: m["number"] for m in needle.finditer(record["context"])}
+        assert len(found) == 3 and set(found) <= set(NEEDLE_KEYS) and len(set(found.values())) == 3
+        asked = next(key for key in found if record["prompt"] == KEYED_QUESTION.format(key=key))
+        assert record["response"] == found[asked] and record["answers"] == [found[asked]]
+        assert needle.sub("", record["context"]).split() == before["context"].split()  # the passage, word for word
+        assert record["group"] == before["group"] and record["id"] == before["id"]
+    assert keyed_needles(list(original), "all", seed=0) == list(keyed) != keyed_needles(list(original), "all", seed=1)
+    templated = QASource(path, split="all", context="keyed_needles")
+    assert templated[0]["prompt"] == closed_qa_prompt(keyed[0]["prompt"])
+    # validation numbers are never those of training
+    train, validation = (set(r["response"] for r in keyed_needles(list(original) * 50, split)) for split in ("train", "validation"))
+    assert train and validation and not train & validation
+    with pytest.raises(ValueError, match="needles=0 must be in"):
+        keyed_needles(list(original), "all", needles=0)

@@ -16,14 +16,12 @@ import time
 from typing import Any
 
 import jax
-import numpy as np
 
-from d2l_jax.data.examples import collate
 from d2l_jax.hypernet.hypernet import param_count
 from d2l_jax.models.families import DecoderConfig
 from d2l_jax.train.config import RunConfig
 from d2l_jax.train.flops import train_step_flops
-from d2l_jax.train.step import Trainer
+from d2l_jax.train.step import Trainer, abstract_batch
 
 MFU_FOR_ESTIMATES = 0.4
 
@@ -94,20 +92,6 @@ def topology_devices(name: str) -> tuple[Chip, list]:
             f"examples of accepted names: {', '.join(TOPOLOGY_EXAMPLES)}; libtpu must be installed: pip install 'jax[tpu]'"
         ) from e
     return chip, list(description.devices)
-
-
-def abstract_batch(run, batch_sharding) -> dict[str, jax.ShapeDtypeStruct]:
-    """The global training batch of ``run`` as ShapeDtypeStructs: the pipeline's own ``collate`` is run on
-    placeholder examples, so the keys, shapes and dtypes are exactly those training feeds."""
-    shapes = run.batch_shapes()
-    example: dict[str, Any] = {"chunks": [[1]], "tokens": [1, 2], "label_start": 1, "label_end": 2}
-    if run.train.uses_teacher and run.train.teacher == "online":
-        example.update(teacher_tokens=[1, 2], teacher_label_start=1)
-    if run.train.uses_teacher and run.train.teacher == "offline":
-        example.update(teacher_log_probs=np.zeros((1, shapes.top_k), np.float32), teacher_ids=np.zeros((1, shapes.top_k), np.int32))
-    count = run.train.batch_size * run.train.grad_accum_steps
-    batch = collate([example] * count, shapes, run.train.grad_accum_steps)
-    return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding) for k, v in batch.items()}
 
 
 def _per_device_bytes(tree) -> int:

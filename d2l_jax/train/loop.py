@@ -23,11 +23,10 @@ from d2l_jax.hypernet.config import HypernetConfig
 from d2l_jax.hypernet.head import without_generated_b
 from d2l_jax.hypernet.hypernet import abstract_hypernet, join_stats, split_stats
 from d2l_jax.models.base_model import BaseModel
-from d2l_jax.train.aot import abstract_batch
 from d2l_jax.train.checkpoint import CheckpointCorruptError, Checkpointer, CheckpointMismatchError, base_identity, check_base
 from d2l_jax.train.config import RunConfig
 from d2l_jax.train.metrics import MetricsWriter, StopOnSignal
-from d2l_jax.train.step import Trainer, TrainState
+from d2l_jax.train.step import Trainer, TrainState, abstract_batch
 from d2l_jax.train.workdir_lock import WorkdirLock
 
 log = logging.getLogger(__name__)

@@ -30,6 +30,7 @@ import optax
 from flax import struct
 
 from d2l_jax import sharding
+from d2l_jax.data.examples import collate
 from d2l_jax.hypernet.config import HypernetConfig, HypernetExecution
 from d2l_jax.hypernet.hypernet import batch_centered_document_adapters, document_adapters, init_hypernet, join_stats, split_stats
 from d2l_jax.models.decoder import Decoder, label_logits
@@ -259,3 +260,17 @@ class Trainer:
         """One update; ``state`` is donated (do not reuse it). Metrics are device scalars."""
         compiled = self._compiled or self.compile(state, base_params, batch)
         return compiled(state, base_params, batch)
+
+
+def abstract_batch(run, batch_sharding) -> dict[str, jax.ShapeDtypeStruct]:
+    """The global training batch of ``run`` as ShapeDtypeStructs: the pipeline's own ``collate`` is run on
+    placeholder examples, so the keys, shapes and dtypes are exactly those training feeds."""
+    shapes = run.batch_shapes()
+    example: dict[str, Any] = {"chunks": [[1]], "tokens": [1, 2], "label_start": 1, "label_end": 2}
+    if run.train.uses_teacher and run.train.teacher == "online":
+        example.update(teacher_tokens=[1, 2], teacher_label_start=1)
+    if run.train.uses_teacher and run.train.teacher == "offline":
+        example.update(teacher_log_probs=np.zeros((1, shapes.top_k), np.float32), teacher_ids=np.zeros((1, shapes.top_k), np.int32))
+    count = run.train.batch_size * run.train.grad_accum_steps
+    batch = collate([example] * count, shapes, run.train.grad_accum_steps)
+    return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding) for k, v in batch.items()}

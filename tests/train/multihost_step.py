@@ -28,8 +28,8 @@ parser.add_argument("--wait_for", default=None, help="before restoring, wait unt
 parser.add_argument("--out", required=True)
 args = parser.parse_args()
 
-# A thread pool larger than the devices' collectives in flight (see sharded_step.py).
-os.environ.setdefault("PJRT_NPROC", "32")
+# A thread pool of one thread per device (see sharded_step.py).
+os.environ.setdefault("PJRT_NPROC", "8")
 
 import jax  # noqa: E402
 

@@ -7,8 +7,9 @@ import sys
 # XLA runs parts of each device's program on one shared pool of as many threads as the CPU has cores, and a
 # collective blocks its thread until every participant arrives: on a 2-core machine two devices waiting in
 # collectives can hold the whole pool while their peers queue behind them (a CI run hung 600 s this way;
-# PJRT_NPROC=1 reproduces it). A pool larger than the devices' collectives in flight cannot fill up.
-os.environ.setdefault("PJRT_NPROC", "32")
+# PJRT_NPROC=1 reproduces it). A pool of one thread per device; not more, since the test runs four such
+# processes beside other tests and idle pool threads spin (32 each made a CI run's processes crawl).
+os.environ.setdefault("PJRT_NPROC", "8")
 # The simulated devices also share the CPU with the test's other processes: a device thread can wait well
 # past XLA's 40 s before a collective's other participants arrive.
 os.environ["XLA_FLAGS"] = (

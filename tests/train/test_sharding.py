@@ -23,10 +23,15 @@ def results():
         for mesh in MESHES
     ]
     merged = {}
-    for proc in procs:
-        stdout, stderr = proc.communicate(timeout=900)
-        assert proc.returncode == 0, stderr[-3000:]
-        merged.update(json.loads(stdout.strip().splitlines()[-1]))
+    try:
+        for proc in procs:
+            stdout, stderr = proc.communicate(timeout=900)
+            assert proc.returncode == 0, stderr[-3000:]
+            merged.update(json.loads(stdout.strip().splitlines()[-1]))
+    finally:  # a failed or timed-out mesh must not leave the others running beside the rest of the tests
+        for proc in procs:
+            proc.kill()
+            proc.wait()
     return {tuple(sorted(json.loads(k).items())): v for k, v in merged.items()}
 
 

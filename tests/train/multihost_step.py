@@ -28,8 +28,11 @@ parser.add_argument("--wait_for", default=None, help="before restoring, wait unt
 parser.add_argument("--out", required=True)
 args = parser.parse_args()
 
-# A thread pool of one thread per device (see sharded_step.py).
-os.environ.setdefault("PJRT_NPROC", "8")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+from tests.train import simulated_devices  # noqa: E402
+
+simulated_devices.configure(DEVICES // args.processes)
 
 import jax  # noqa: E402
 
@@ -43,8 +46,6 @@ if args.processes > 1:
 import flax.linen as nn  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from d2l_jax import sharding  # noqa: E402
 from d2l_jax.models.decoder import Decoder  # noqa: E402

@@ -4,17 +4,11 @@ import json
 import os
 import sys
 
-# XLA runs parts of each device's program on one shared pool of as many threads as the CPU has cores, and a
-# collective blocks its thread until every participant arrives: on a 2-core machine two devices waiting in
-# collectives can hold the whole pool while their peers queue behind them (a CI run hung 600 s this way;
-# PJRT_NPROC=1 reproduces it). A pool of one thread per device; not more, since the test runs four such
-# processes beside other tests and idle pool threads spin (32 each made a CI run's processes crawl).
-os.environ.setdefault("PJRT_NPROC", "8")
-# The simulated devices also share the CPU with the test's other processes: a device thread can wait well
-# past XLA's 40 s before a collective's other participants arrive.
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8 --xla_cpu_collective_call_terminate_timeout_seconds=600"
-)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+from tests.train import simulated_devices  # noqa: E402
+
+simulated_devices.configure(8)
 
 import functools  # noqa: E402
 
@@ -23,7 +17,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+jax.config.update("jax_num_cpu_devices", 8)
 
 from d2l_jax import sharding  # noqa: E402
 from d2l_jax.models.decoder import Decoder  # noqa: E402

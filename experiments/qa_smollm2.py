@@ -96,19 +96,22 @@ def get_config(variant: str = "kl") -> ml_collections.ConfigDict:
     # The bias LoRA's B zeroed: the student starts as the base model (the needle hypernetwork's own adapters
     # took the distillation loss from 2.5 to 23 nats on SQuAD questions, run 3).
     config.init_without_b = True
+
+    def train_on(source):
+        """The variant's source from the first step, without the answer-sentence warm-up."""
+        config.data.source = source
+        config.data.warmup_source = None
+        config.data.warmup_steps = 0
+
     if variant == "mixed":
         # Answer sentences and whole passages mixed equally throughout instead of one after the other: on
         # passages alone after the sentences (run 5) the paragraph's adapter lost its lead over another
         # paragraph's within 200 steps.
-        config.data.source = squad(("answer_sentence", "passage"))
-        config.data.warmup_source = None
-        config.data.warmup_steps = 0
+        train_on(squad(("answer_sentence", "passage")))
     if variant == "sentences":
         # A diagnostic: answer sentences only, validated on held-out answer sentences, to see whether the
         # hypernetwork carries a single fact when the document is that fact's sentence.
-        config.data.source = squad("answer_sentence")
-        config.data.warmup_source = None
-        config.data.warmup_steps = 0
+        train_on(squad("answer_sentence"))
         config.evaluator.options.context = "answer_sentence"
     if variant == "grouped":
         # Whole passages from the start, four questions of a passage sharing its internalization in a step
@@ -116,9 +119,7 @@ def get_config(variant: str = "kl") -> ml_collections.ConfigDict:
         # hypernetwork's cost is paid once per four questions. Run 9 started it from the kl variant's
         # step 400 (run 5's, after the answer sentences): --config.init_from=RUN5_WORKDIR
         # --config.init_partial=False --config.init_without_b=False.
-        config.data.source = squad("passage")
-        config.data.warmup_source = None
-        config.data.warmup_steps = 0
+        train_on(squad("passage"))
         config.data.queries_per_context = 4
         # A group is dropped when one of its questions does not fit: room for longer answers and passages.
         config.data.max_labels = 24
@@ -131,9 +132,7 @@ def get_config(variant: str = "kl") -> ml_collections.ConfigDict:
         # question's answer of the same kind, context="answer_swapped"), so that a question's answer depends
         # on the document: trained and validated on 16 training paragraphs, the grouped recipe learned the
         # answers of the questions themselves, the control as much as the paragraph's own adapter.
-        config.data.source = squad(("passage", "answer_swapped"))
-        config.data.warmup_source = None
-        config.data.warmup_steps = 0
+        train_on(squad(("passage", "answer_swapped")))
         config.evaluator.options.questions = 96
     if variant == "needles":
         # Three keyed numbers hidden in each passage ("The code of the red door is 4721."), one of them asked
@@ -142,9 +141,7 @@ def get_config(variant: str = "kl") -> ml_collections.ConfigDict:
         # adapters 2% apart (unrelated paragraphs' 25%) and answered both alike, so its reader keeps which
         # paragraph it read, not which span answers which question. The needle hypernetwork's reader found a
         # marked number in noise; here it must find three in prose and keep each with its key.
-        config.data.source = squad("keyed_needles")
-        config.data.warmup_source = None
-        config.data.warmup_steps = 0
+        train_on(squad("keyed_needles"))
         config.evaluator.options.context = "keyed_needles"
         config.evaluator.options.questions = 96
     if variant == "needles_squad":
@@ -153,9 +150,7 @@ def get_config(variant: str = "kl") -> ml_collections.ConfigDict:
         # run 11 learned a paragraph-specific gain that SQuAD's questions alone never gave) while the passages
         # ask for spans that are not marked. Run 12 started it from run 11's hypernetwork:
         # --config.init_from=RUN11_WORKDIR --config.init_partial=False --config.init_without_b=False.
-        config.data.source = squad(("keyed_needles", "passage"))
-        config.data.warmup_source = None
-        config.data.warmup_steps = 0
+        train_on(squad(("keyed_needles", "passage")))
         config.evaluator.options.questions = 96
     if variant == "per_layer":
         # The reference's main-experiment reader instead of the needle one: layer l's adapter is generated

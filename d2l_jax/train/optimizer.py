@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import optax
 from flax import traverse_util
 
@@ -53,16 +54,11 @@ def perceiver_mask(params) -> dict:
     return {name: jax.tree.map(lambda _: name == "perceiver", tree) for name, tree in params.items()}
 
 
-# apply_if_finite gives up and applies a non-finite update after this many in a row; the training loop
-# stops a run long before (TrainConfig.max_nonfinite_steps), so an update that is not finite never lands.
-_NEVER = 2**30
-
-
 def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
-    """Clipping, AdamW, then the Perceiver's updates scaled by ``perceiver_lr_scale``; an update whose
-    gradients are not finite is skipped (the parameters and moments stay as they are) and counted in the
-    state (``notfinite_count``: in a row, ``total_notfinite``: in all, ``last_finite``)."""
-    inner = optax.chain(
+    """The update rule: clipping, AdamW, then the Perceiver's updates scaled by ``perceiver_lr_scale``.
+    Training holds its state as :func:`init_skipping_state` makes it and applies it with
+    :func:`apply_finite_update`, which skips a step whose gradients are not finite."""
+    return optax.chain(
         optax.clip_by_global_norm(config.max_grad_norm),
         adamw(
             learning_rate_schedule(config),
@@ -75,4 +71,40 @@ def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
         ),
         optax.masked(optax.scale(config.perceiver_lr_scale), perceiver_mask),
     )
-    return optax.apply_if_finite(inner, max_consecutive_errors=_NEVER)
+
+
+def init_skipping_state(optimizer: optax.GradientTransformation, params) -> optax.ApplyIfFiniteState:
+    """``optimizer``'s state with the counters of skipped steps, laid out as ``optax.apply_if_finite`` lays it
+    out (checkpoints of either read as the other): ``notfinite_count`` (skipped in a row), ``total_notfinite``,
+    ``last_finite``."""
+    return optax.ApplyIfFiniteState(
+        notfinite_count=jnp.zeros([], jnp.int32),
+        last_finite=jnp.array(True),
+        total_notfinite=jnp.zeros([], jnp.int32),
+        inner_state=optimizer.init(params),
+    )
+
+
+def apply_finite_update(optimizer: optax.GradientTransformation, grads, state: optax.ApplyIfFiniteState, params, grad_norm):
+    """``(params, state)`` after one update, or both unchanged (the step counted as skipped) when
+    ``grad_norm``, the gradients' global norm, is not finite: any non-finite gradient makes it so, and so
+    does a norm too large for float32.
+
+    What ``optax.apply_if_finite`` and then ``optax.apply_updates`` compute, in one conditional: optax's
+    version tests every gradient leaf for finiteness and writes the update out before adding it, which on the
+    CPU took about a third as long as the update itself (NIAH hypernetwork, 152M parameters).
+    """
+    finite = jnp.isfinite(grad_norm)
+
+    def update(params, inner_state):
+        updates, inner_state = optimizer.update(grads, inner_state, params)
+        return optax.apply_updates(params, updates), inner_state
+
+    params, inner_state = jax.lax.cond(finite, update, lambda *unchanged: unchanged, params, state.inner_state)
+    skipped = jnp.logical_not(finite).astype(jnp.int32)
+    return params, optax.ApplyIfFiniteState(
+        notfinite_count=(state.notfinite_count + 1) * skipped,
+        last_finite=finite,
+        total_notfinite=state.total_notfinite + skipped,
+        inner_state=inner_state,
+    )

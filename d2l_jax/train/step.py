@@ -39,7 +39,7 @@ from d2l_jax.train import losses
 from d2l_jax.train.config import TrainConfig
 from d2l_jax.train.distillation import teacher_targets
 from d2l_jax.train.flops import train_step_flops
-from d2l_jax.train.optimizer import learning_rate_schedule, make_optimizer
+from d2l_jax.train.optimizer import apply_finite_update, init_skipping_state, learning_rate_schedule, make_optimizer
 
 
 @struct.dataclass
@@ -115,15 +115,15 @@ def train_step(state: TrainState, base_params, batch, *, hyper, base, train, opt
         (grads, metrics), _ = jax.lax.scan(add, zeros, batch)
         grads, metrics = jax.tree.map(lambda x: x / micro_batches, (grads, metrics))
     metrics["label_tokens"] = metrics["label_tokens"] * micro_batches
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)  # unchanged when the gradients are not finite
+    grad_norm = optax.tree.norm(grads)
+    params, opt_state = apply_finite_update(optimizer, grads, state.opt_state, state.params, grad_norm)
     stats = state.stats
     if "head_input_mean" in metrics:
         updated = _updated_head_input_mean(state, metrics.pop("head_input_mean"))
         stats = jax.tree.map(lambda new, old: jnp.where(opt_state.last_finite, new, old), updated, stats)
     metrics["nonfinite_steps_in_a_row"] = opt_state.notfinite_count
     metrics["nonfinite_steps"] = opt_state.total_notfinite
-    metrics["grad_norm"] = optax.tree.norm(grads)
+    metrics["grad_norm"] = grad_norm
     metrics["learning_rate"] = learning_rate_schedule(train)(state.step)
     return TrainState(step=state.step + 1, params=params, stats=stats, opt_state=opt_state), metrics
 
@@ -177,7 +177,7 @@ class Trainer:
             step=jax.ShapeDtypeStruct((), jnp.int32),
             params=boxed_params,
             stats=boxed_stats,
-            opt_state=jax.eval_shape(self.optimizer.init, boxed_params),
+            opt_state=jax.eval_shape(functools.partial(init_skipping_state, self.optimizer), boxed_params),
         )
         self.state_shardings = sharding.logical_shardings(boxed_state, self.mesh)
         boxed_base = jax.eval_shape(
@@ -201,7 +201,7 @@ class Trainer:
 
     def _fresh_state(self, key) -> TrainState:
         params, stats = split_stats(nn.unbox(init_hypernet(self.hyper, self.base, key)))
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, stats=stats, opt_state=self.optimizer.init(params))
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, stats=stats, opt_state=init_skipping_state(self.optimizer, params))
 
     def init_state(self, key=None) -> TrainState:
         """A fresh training state (hypernetwork initialised from ``train.seed`` unless ``key`` is given)."""

@@ -2,6 +2,7 @@
 
 import functools
 
+import chex
 import jax
 import numpy as np
 import optax
@@ -14,7 +15,7 @@ from d2l_jax.hypernet.hypernet import join_stats, layer_latents
 from d2l_jax.train import losses
 from d2l_jax.train.config import TrainConfig
 from d2l_jax.models.decoder import label_logits
-from d2l_jax.train.optimizer import learning_rate_schedule, weight_decay_mask
+from d2l_jax.train.optimizer import apply_finite_update, init_skipping_state, learning_rate_schedule, make_optimizer, weight_decay_mask
 from d2l_jax.train.step import HEAD_INPUT_MOMENTUM, Trainer, micro_batch_loss
 from tests.train.conftest import BASE, HYPER, random_batch
 
@@ -173,6 +174,31 @@ def test_weight_decay_mask_and_schedule():
     assert not flat["perceiver/encoder/latents_q"] and not flat["head/scaler_B_down_proj"] and not flat["head/bias_A_q_proj"]
     schedule = learning_rate_schedule(TrainConfig(learning_rate=4e-5, warmup_steps=100, steps=1000))
     np.testing.assert_allclose([schedule(0), schedule(50), schedule(100), schedule(1000)], [0, 2e-5, 4e-5, 1e-7], rtol=1e-5)
+
+
+def test_apply_finite_update_is_optaxs_apply_if_finite_then_apply_updates():
+    optimizer = make_optimizer(TrainConfig(learning_rate=1e-2, warmup_steps=2, steps=10, perceiver_lr_scale=0.5, max_grad_norm=0.5))
+    reference = optax.apply_if_finite(optimizer, max_consecutive_errors=2**30)
+    rng = np.random.default_rng(0)
+    params = {"perceiver": {"q_proj": rng.normal(size=(3, 4)).astype(np.float32), "norm": np.ones(4, np.float32)},
+              "head": {"head": rng.normal(size=(2, 5)).astype(np.float32), "bias_A": np.zeros(5, np.float32)}}
+    ours, theirs = init_skipping_state(optimizer, params), reference.init(params)
+    chex.assert_trees_all_equal_structs(ours, theirs)
+    chex.assert_trees_all_equal(ours, theirs)
+    ours_params = theirs_params = params
+    step = jax.jit(lambda g, s, p: apply_finite_update(optimizer, g, s, p, optax.tree.norm(g)))
+    for i, bad in enumerate([None, None, np.nan, np.inf, None, np.nan, None]):
+        grads = jax.tree.map(lambda x: rng.normal(size=x.shape).astype(np.float32), params)
+        if bad is not None:
+            grads["head"]["head"][1, 2] = bad
+        ours_params, ours = step(grads, ours, ours_params)
+        updates, theirs = reference.update(grads, theirs, theirs_params)
+        theirs_params = optax.apply_updates(theirs_params, updates)
+        chex.assert_trees_all_close(ours_params, theirs_params, rtol=1e-6, atol=1e-7)
+        chex.assert_trees_all_close(ours, theirs, rtol=1e-6, atol=1e-7)
+    assert (int(ours.notfinite_count), int(ours.total_notfinite), bool(ours.last_finite)) == (0, 3, True)
+    is_adam = lambda x: isinstance(x, optax.ScaleByAdamState)
+    assert int(next(s for s in jax.tree.leaves(ours, is_leaf=is_adam) if is_adam(s)).count) == 4  # the taken steps only
 
 
 def test_perceiver_lr_scale_scales_only_the_perceivers_updates(base_params):

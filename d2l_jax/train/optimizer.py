@@ -54,12 +54,30 @@ def perceiver_mask(params) -> dict:
     return {name: jax.tree.map(lambda _: name == "perceiver", tree) for name, tree in params.items()}
 
 
-def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformationExtraArgs:
+    """``optax.clip_by_global_norm`` (the same state) that scales by one multiplication, and reuses the
+    gradients' global norm when the caller passes it (``update(..., grad_norm=...)``).
+
+    optax divides every gradient by the norm; XLA does not copy a division into each of its consumers (the
+    two moments' updates), so the clipped gradients were written out whole: on the CPU 0.6 GB more memory
+    and about 0.15 s more per NIAH training step.
+    """
+
+    def update(updates, state, params=None, *, grad_norm=None, **extra_args):
+        del params, extra_args
+        grad_norm = optax.tree.norm(updates) if grad_norm is None else grad_norm
+        scale = jnp.where(grad_norm < max_norm, 1.0, max_norm / grad_norm)
+        return jax.tree.map(lambda g: g * scale.astype(g.dtype), updates), state
+
+    return optax.GradientTransformationExtraArgs(lambda params: optax.EmptyState(), update)
+
+
+def make_optimizer(config: TrainConfig) -> optax.GradientTransformationExtraArgs:
     """The update rule: clipping, AdamW, then the Perceiver's updates scaled by ``perceiver_lr_scale``.
     Training holds its state as :func:`init_skipping_state` makes it and applies it with
     :func:`apply_finite_update`, which skips a step whose gradients are not finite."""
     return optax.chain(
-        optax.clip_by_global_norm(config.max_grad_norm),
+        clip_by_global_norm(config.max_grad_norm),
         adamw(
             learning_rate_schedule(config),
             b1=config.b1,
@@ -85,19 +103,20 @@ def init_skipping_state(optimizer: optax.GradientTransformation, params) -> opta
     )
 
 
-def apply_finite_update(optimizer: optax.GradientTransformation, grads, state: optax.ApplyIfFiniteState, params, grad_norm):
+def apply_finite_update(optimizer: optax.GradientTransformationExtraArgs, grads, state: optax.ApplyIfFiniteState, params, grad_norm):
     """``(params, state)`` after one update, or both unchanged (the step counted as skipped) when
     ``grad_norm``, the gradients' global norm, is not finite: any non-finite gradient makes it so, and so
     does a norm too large for float32.
 
-    What ``optax.apply_if_finite`` and then ``optax.apply_updates`` compute, in one conditional: optax's
+    What ``optax.apply_if_finite`` and then ``optax.apply_updates`` compute, in one conditional (the
+    optimizer gets ``grad_norm`` as an extra argument, see :func:`clip_by_global_norm`): optax's
     version tests every gradient leaf for finiteness and writes the update out before adding it, which on the
     CPU took about a third as long as the update itself (NIAH hypernetwork, 152M parameters).
     """
     finite = jnp.isfinite(grad_norm)
 
     def update(params, inner_state):
-        updates, inner_state = optimizer.update(grads, inner_state, params)
+        updates, inner_state = optimizer.update(grads, inner_state, params, grad_norm=grad_norm)
         return optax.apply_updates(params, updates), inner_state
 
     params, inner_state = jax.lax.cond(finite, update, lambda *unchanged: unchanged, params, state.inner_state)

@@ -15,7 +15,7 @@ from d2l_jax.hypernet.hypernet import join_stats, layer_latents
 from d2l_jax.train import losses
 from d2l_jax.train.config import TrainConfig
 from d2l_jax.models.decoder import label_logits
-from d2l_jax.train.optimizer import apply_finite_update, init_skipping_state, learning_rate_schedule, make_optimizer, weight_decay_mask
+from d2l_jax.train.optimizer import apply_finite_update, clip_by_global_norm, init_skipping_state, learning_rate_schedule, make_optimizer, weight_decay_mask
 from d2l_jax.train.step import HEAD_INPUT_MOMENTUM, Trainer, micro_batch_loss
 from tests.train.conftest import BASE, HYPER, random_batch
 
@@ -174,6 +174,17 @@ def test_weight_decay_mask_and_schedule():
     assert not flat["perceiver/encoder/latents_q"] and not flat["head/scaler_B_down_proj"] and not flat["head/bias_A_q_proj"]
     schedule = learning_rate_schedule(TrainConfig(learning_rate=4e-5, warmup_steps=100, steps=1000))
     np.testing.assert_allclose([schedule(0), schedule(50), schedule(100), schedule(1000)], [0, 2e-5, 4e-5, 1e-7], rtol=1e-5)
+
+
+@pytest.mark.parametrize("max_norm", [0.5, 100.0])
+def test_clip_by_global_norm_is_optaxs_with_or_without_the_norm_given(max_norm):
+    rng = np.random.default_rng(0)
+    grads = {"a": rng.normal(size=(3, 4)).astype(np.float32), "b": rng.normal(size=5).astype(np.float32)}
+    theirs, state = optax.clip_by_global_norm(max_norm).update(grads, optax.EmptyState())
+    ours = clip_by_global_norm(max_norm)
+    chex.assert_trees_all_equal_structs(ours.init(grads), state)
+    for norm in (None, optax.tree.norm(grads)):
+        chex.assert_trees_all_close(ours.update(grads, ours.init(grads), grad_norm=norm)[0], theirs, rtol=1e-6)
 
 
 def test_apply_finite_update_is_optaxs_apply_if_finite_then_apply_updates():

@@ -2,7 +2,7 @@
 
 Measures, in one run:
 
-  1. The matmul ceiling: achieved GFLOP/s of a jitted fp32 ``[n, n] @ [n, n]`` in JAX (and, for
+  1. The matmul ceiling: achieved GFLOP/s of a jitted ``[n, n] @ [n, n]`` in JAX (and, for
      context, the same matmul in torch).
   2. The JAX forward of SmolLM2-135M-Instruct (``d2l_jax.load_base_model``) on one row of ``--tokens``
      random token ids with full logits ``[1, T, V]``: seconds, tokens/s, GFLOP/s from an analytic FLOP
@@ -18,20 +18,26 @@ Every timing is the median of ``--repeats`` runs after one warm-up call (at leas
 short ceiling matmul). The JAX and torch runs of each figure are interleaved, one of each per round,
 so that load from other processes on a shared machine hits both sides alike; the header prints the
 share of CPU time other processes took during the run, so that a skewed run can be recognised.
+``--precision bfloat16`` runs JAX with bfloat16 weights and matmuls (float32 sums, the layer loop unrolled:
+``common.load_smollm2``) and torch under ``torch.autocast("cpu", dtype=torch.bfloat16)``, and measures the
+ceiling as a bfloat16 matmul on both sides.
+
 Nothing here asserts on the figures.
 
 Run with::
 
-    python benchmarks/forward.py [--tokens 512] [--repeats 3] [--new_tokens 64]
+    python benchmarks/forward.py [--tokens 512] [--repeats 3] [--new_tokens 64] [--precision bfloat16]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import os
 import resource
 import statistics
+import sys
 import time
 from typing import Callable
 
@@ -42,11 +48,13 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM
 
-import d2l_jax
 from d2l_jax.models import generate as gen
 from d2l_jax.models.base_model import EMBEDDED_MODELS, _logits
 from d2l_jax.models.decoder import Decoder
 from d2l_jax.models.families import DecoderConfig
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import PRECISIONS, load_smollm2  # noqa: E402
 
 MODEL = "smollm2-135m-instruct"
 MATMUL_MIN_REPEATS = 10
@@ -65,6 +73,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--new_tokens", type=int, default=64, help="greedy tokens to decode")
     parser.add_argument("--matmul_size", type=int, default=2048, help="n of the n x n @ n x n ceiling matmul")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random token ids")
+    parser.add_argument("--precision", choices=PRECISIONS, default="float32", help="JAX weights and matmuls; torch autocast")
     return parser.parse_args()
 
 
@@ -137,18 +146,28 @@ def load_torch_model():
     return AutoModelForCausalLM.from_pretrained(directory, gguf_file=entry.filename, dtype=torch.float32).eval()
 
 
-def jax_matmul(n: int) -> Benchmark:
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
-    matmul = jax.jit(jnp.matmul)
+def torch_precision(precision: str):
+    """The context torch runs in: bfloat16 autocast, or nothing for float32."""
+    return torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bfloat16" else contextlib.nullcontext()
+
+
+def jax_matmul(n: int, precision: str) -> Benchmark:
+    a = jax.random.normal(jax.random.key(0), (n, n), precision)
+    b = jax.random.normal(jax.random.key(1), (n, n), precision)
+    matmul = jax.jit(lambda a, b: jnp.matmul(a, b, preferred_element_type=jnp.float32))
     return lambda: jax.block_until_ready(matmul(a, b))
 
 
-def torch_matmul(n: int) -> Benchmark:
+def torch_matmul(n: int, precision: str) -> Benchmark:
     generator = torch.Generator().manual_seed(0)
     a = torch.randn(n, n, generator=generator)
     b = torch.randn(n, n, generator=generator)
-    return lambda: torch.matmul(a, b)
+
+    def run():
+        with torch_precision(precision):
+            return torch.matmul(a, b)
+
+    return run
 
 
 def jax_forward(model, ids: np.ndarray) -> Benchmark:
@@ -190,24 +209,24 @@ def jax_generate(model, ids: np.ndarray, new_tokens: int) -> Benchmark:
     return run
 
 
-def torch_forward(model, ids: np.ndarray, logits_to_keep: int = 0) -> Benchmark:
+def torch_forward(model, ids: np.ndarray, precision: str, logits_to_keep: int = 0) -> Benchmark:
     """Forward under ``no_grad``; ``logits_to_keep=1`` computes logits at the last position only."""
     tokens = torch.from_numpy(ids.astype(np.int64))
 
     def run():
-        with torch.no_grad():
+        with torch.no_grad(), torch_precision(precision):
             return model(input_ids=tokens, logits_to_keep=logits_to_keep).logits
 
     return run
 
 
-def torch_generate(model, ids: np.ndarray, new_tokens: int) -> Benchmark:
+def torch_generate(model, ids: np.ndarray, new_tokens: int, precision: str) -> Benchmark:
     """Greedy ``generate`` of exactly ``new_tokens`` tokens (``min_new_tokens`` masks end of sequence)."""
     tokens = torch.from_numpy(ids.astype(np.int64))
     mask = torch.ones_like(tokens)
 
     def run():
-        with torch.no_grad():
+        with torch.no_grad(), torch_precision(precision):
             out = model.generate(
                 input_ids=tokens, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                 do_sample=False, pad_token_id=model.config.eos_token_id,
@@ -228,32 +247,32 @@ def decode_rate(total_seconds: float, prefill_seconds: float, new_tokens: int) -
 
 def measure(args: argparse.Namespace) -> tuple[DecoderConfig, dict[str, float]]:
     """Runs every benchmark; returns the model config and the median seconds by name."""
-    n, t, new, reps = args.matmul_size, args.tokens, args.new_tokens, args.repeats
+    n, t, new, reps, precision = args.matmul_size, args.tokens, args.new_tokens, args.repeats, args.precision
     seconds: dict[str, float] = {}
-    log(f"matmul ceiling ({n}x{n} @ {n}x{n} fp32)")
-    matmuls = {"jax_matmul": jax_matmul(n), "torch_matmul": torch_matmul(n)}
+    log(f"matmul ceiling ({n}x{n} @ {n}x{n} {precision})")
+    matmuls = {"jax_matmul": jax_matmul(n, precision), "torch_matmul": torch_matmul(n, precision)}
     seconds.update(interleaved_medians(matmuls, max(reps, MATMUL_MIN_REPEATS)))
 
     log("loading the JAX and torch models")
-    model = d2l_jax.load_base_model(MODEL)
+    model = load_smollm2(precision)
     torch_model = load_torch_model()
     ids = random_token_ids(model.config, t, args.seed)
 
     log(f"forward, {t} tokens")
     forwards = {
         "jax_forward": jax_forward(model, ids),
-        "torch_forward": torch_forward(torch_model, ids),
+        "torch_forward": torch_forward(torch_model, ids, precision),
         "jax_body": jax_forward_without_head(model, ids),
-        "torch_body": torch_forward(torch_model, ids, logits_to_keep=1),
+        "torch_body": torch_forward(torch_model, ids, precision, logits_to_keep=1),
     }
     seconds.update(interleaved_medians(forwards, reps))
 
     log(f"greedy generation after a {t}-token prompt: {new} new tokens, and 1 for the prefill")
     generations = {
         "jax_generate": jax_generate(model, ids, new),
-        "torch_generate": torch_generate(torch_model, ids, new),
+        "torch_generate": torch_generate(torch_model, ids, new, precision),
         "jax_prefill": jax_generate(model, ids, 1),
-        "torch_prefill": torch_generate(torch_model, ids, 1),
+        "torch_prefill": torch_generate(torch_model, ids, 1, precision),
     }
     seconds.update(interleaved_medians(generations, reps))
     return model.config, seconds
@@ -267,8 +286,8 @@ def table_rows(config: DecoderConfig, s: dict[str, float], args: argparse.Namesp
     ceiling = 2.0 * n**3 / s["jax_matmul"] / 1e9
     gflops = lambda f, seconds: f / seconds / 1e9
     return [
-        (f"JAX matmul {n}^3 fp32 GFLOP/s (ceiling)", f"{ceiling:.1f}"),
-        (f"torch matmul {n}^3 fp32 GFLOP/s", f"{gflops(2.0 * n**3, s['torch_matmul']):.1f}"),
+        (f"JAX matmul {n}^3 {args.precision} GFLOP/s (ceiling)", f"{ceiling:.1f}"),
+        (f"torch matmul {n}^3 {args.precision} GFLOP/s", f"{gflops(2.0 * n**3, s['torch_matmul']):.1f}"),
         ("forward GFLOP, analytic (full logits)", f"{flops / 1e9:.2f}"),
         ("JAX forward s", f"{s['jax_forward']:.3f}"),
         ("JAX forward tokens/s", f"{t / s['jax_forward']:.0f}"),
@@ -313,7 +332,7 @@ def main() -> None:
     config, seconds = measure(args)
     others = other_processes_share(cpu_at_start, time.perf_counter() - wall_at_start)
     header = [
-        f"SmolLM2-135M-Instruct fp32, batch 1, {args.tokens} tokens, median of {args.repeats} after a warm-up, "
+        f"SmolLM2-135M-Instruct {args.precision}, batch 1, {args.tokens} tokens, median of {args.repeats} after a warm-up, "
         f"JAX and torch interleaved; {os.cpu_count()} CPUs, torch threads {TORCH_THREADS}",
         f"jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__}, "
         f"transformers {transformers.__version__}",

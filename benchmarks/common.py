@@ -53,3 +53,47 @@ def matmul_gflops(size: int = 2048, repeats: int = 10) -> float:
         matmul(a, a).block_until_ready()
         times.append(time.perf_counter() - start)
     return 2 * size**3 / float(np.median(times)) / 1e9
+
+
+# The train-step benchmarks' batch: the shapes the reference's PyTorch code was measured on.
+CONTEXT, STUDENT, LABELS, TOP_K = 256, 64, 16, 16
+
+
+def train_step_batch(vocab: int, with_targets: bool) -> dict:
+    """One batch in the train-step layout: CONTEXT context tokens, STUDENT student tokens, the last LABELS
+    of them labelled, and (``with_targets``) offline teacher targets of TOP_K ids; random, seed 0."""
+    rng = np.random.default_rng(0)
+    one = lambda *shape: np.ones((1, 1, *shape), np.int32)
+    b = {
+        "ctx_tokens": rng.integers(0, vocab, (1, 1, CONTEXT)).astype(np.int32),
+        "ctx_mask": one(CONTEXT),
+        "chunk_document": np.zeros((1, 1), np.int32),
+        "chunk_slot": np.zeros((1, 1), np.int32),
+        "num_chunks": np.ones((1, 1), np.int32),
+        "tokens": rng.integers(0, vocab, (1, 1, STUDENT)).astype(np.int32),
+        "mask": one(STUDENT),
+        "label_positions": np.arange(STUDENT - LABELS - 1, STUDENT - 1, dtype=np.int32)[None, None],
+        "labels": rng.integers(0, vocab, (1, 1, LABELS)).astype(np.int32),
+        "label_mask": one(LABELS),
+    }
+    if with_targets:
+        logits = rng.normal(size=(1, 1, LABELS, vocab)).astype(np.float32)
+        ids = np.argsort(-logits, -1)[..., :TOP_K].astype(np.int32)
+        log_probs = np.take_along_axis(logits, ids, -1) - np.log(np.exp(logits).sum(-1, keepdims=True))
+        b.update(teacher_ids=ids, teacher_log_probs=log_probs.astype(np.float32))
+    return b
+
+
+WORDS = "the of and river house garden window number quiet blue seven market bridge winter".split()
+
+
+def document_of_length(d2l, tokens: int) -> str:
+    """Random words whose templated token count is exactly ``tokens``."""
+    rng = np.random.default_rng(0)
+    words = list(rng.choice(WORDS, tokens))
+    while True:
+        text = " ".join(words)
+        count = d2l.document_chunks(text)[1]
+        if count == tokens:
+            return text
+        words = words[: len(words) + tokens - count] if count > tokens else words + list(rng.choice(WORDS, tokens - count))

@@ -17,27 +17,13 @@ import time
 import numpy as np
 from absl import app, flags
 
-from common import PRECISIONS, hypernet_config, load_smollm2, matmul_gflops, peak_rss_gb
+from common import PRECISIONS, document_of_length, hypernet_config, load_smollm2, matmul_gflops, peak_rss_gb
 
 _LENGTHS = flags.DEFINE_list("lengths", ["128", "512", "2048", "8192"], "Templated document lengths in tokens.")
 _CONFIGS = flags.DEFINE_list("configs", ["main", "niah", "niah_cpu"], "Hypernetwork configurations.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed calls per case.")
 _PRECISION = flags.DEFINE_enum("precision", "float32", PRECISIONS, "Base model and hypernetwork matmuls (see common.load_smollm2).")
 _CASE = flags.DEFINE_string("case", None, "Internal: run one CONFIG:LENGTH case and print JSON.")
-
-WORDS = "the of and river house garden window number quiet blue seven market bridge winter".split()
-
-
-def document_of_length(d2l, tokens: int) -> str:
-    """Random words whose templated token count is exactly ``tokens``."""
-    rng = np.random.default_rng(0)
-    words = list(rng.choice(WORDS, tokens))
-    while True:
-        text = " ".join(words)
-        count = d2l.document_chunks(text)[1]
-        if count == tokens:
-            return text
-        words = words[: len(words) + tokens - count] if count > tokens else words + list(rng.choice(WORDS, tokens - count))
 
 
 def run_case(config_name: str, tokens: int, repeats: int, precision: str) -> dict:

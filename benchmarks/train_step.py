@@ -22,39 +22,13 @@ import numpy as np
 from absl import app, flags
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from common import PRECISIONS, hypernet_config, load_smollm2, matmul_gflops, peak_rss_gb  # noqa: E402
+from common import CONTEXT, PRECISIONS, hypernet_config, load_smollm2, matmul_gflops, peak_rss_gb, train_step_batch  # noqa: E402
 
 _CASES = flags.DEFINE_list("cases", ["main:top_k_kl", "main:ce", "niah:ce"], "CONFIG:LOSS cases.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed steps per case.")
 _PRECISION = flags.DEFINE_enum("precision", "float32", PRECISIONS, "Base model and hypernetwork matmuls (see common.load_smollm2).")
 _FIRST_MOMENT = flags.DEFINE_enum("first_moment_dtype", "float32", ["float32", "bfloat16"], "AdamW's first moment (train.first_moment_dtype).")
 _CASE = flags.DEFINE_string("case", None, "Internal: run one case and print JSON.")
-
-CONTEXT, STUDENT, LABELS, TOP_K = 256, 64, 16, 16
-
-
-def batch(vocab: int, with_targets: bool) -> dict:
-    rng = np.random.default_rng(0)
-    one = lambda *shape: np.ones((1, 1, *shape), np.int32)
-    b = {
-        "ctx_tokens": rng.integers(0, vocab, (1, 1, CONTEXT)).astype(np.int32),
-        "ctx_mask": one(CONTEXT),
-        "chunk_document": np.zeros((1, 1), np.int32),
-        "chunk_slot": np.zeros((1, 1), np.int32),
-        "num_chunks": np.ones((1, 1), np.int32),
-        "tokens": rng.integers(0, vocab, (1, 1, STUDENT)).astype(np.int32),
-        "mask": one(STUDENT),
-        "label_positions": np.arange(STUDENT - LABELS - 1, STUDENT - 1, dtype=np.int32)[None, None],
-        "labels": rng.integers(0, vocab, (1, 1, LABELS)).astype(np.int32),
-        "label_mask": one(LABELS),
-    }
-    if with_targets:
-        logits = rng.normal(size=(1, 1, LABELS, vocab)).astype(np.float32)
-        ids = np.argsort(-logits, -1)[..., :TOP_K].astype(np.int32)
-        log_probs = np.take_along_axis(logits, ids, -1) - np.log(np.exp(logits).sum(-1, keepdims=True))
-        b.update(teacher_ids=ids, teacher_log_probs=log_probs.astype(np.float32))
-    return b
-
 
 def run_case(case: str, repeats: int, precision: str, first_moment_dtype: str) -> dict:
     import jax
@@ -69,7 +43,7 @@ def run_case(case: str, repeats: int, precision: str, first_moment_dtype: str) -
     hyper = hyper.replace(max_chunk_len=CONTEXT)
     trainer = Trainer(hyper, base.config, TrainConfig(loss=loss, teacher="offline", batch_size=1, steps=1000, first_moment_dtype=first_moment_dtype), execution=execution)
     base_params = trainer.put_base_params(base.params)
-    data = trainer.put_batch(batch(base.config.vocab_size, loss == "top_k_kl"))
+    data = trainer.put_batch(train_step_batch(base.config.vocab_size, loss == "top_k_kl"))
     start = time.perf_counter()
     trainer.compile(trainer.abstract_state(), base_params, data)  # before the state, as training does
     compile_s = time.perf_counter() - start

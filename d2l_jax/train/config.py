@@ -45,8 +45,9 @@ class TrainConfig:
       leaves it as it is, for fine-tuning on batches whose chunk mix differs from the first run's (batches
       of long documents alone, whose mean lacks the needle share the stored mean was learned with).
     Non-finite steps: a step whose gradients are not finite (their global norm is not; a norm beyond
-      float32's range counts too) is skipped (parameters, moments and statistics stay as they were) and counted; after ``max_nonfinite_steps`` such steps in a row the run stops with
-      an error, its last checkpoint intact.
+      float32's range counts too) is skipped (parameters, moments and statistics stay as they were) and
+      counted; after ``max_nonfinite_steps`` such steps in a row the run stops with an error, its last
+      checkpoint intact.
     Mesh: ``mesh`` maps ``data``/``fsdp``/``tensor`` to sizes (``data`` defaults to the remaining devices).
     """
 

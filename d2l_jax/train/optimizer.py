@@ -1,4 +1,5 @@
-"""The optimiser: AdamW with the reference's weight-decay exclusions, warmup + cosine, clipping.
+"""The optimiser: AdamW with the reference's weight-decay exclusions, warmup + cosine, clipping, and the skip of
+steps whose gradients are not finite.
 
 ``adamw`` and ``cosine_schedule`` are shared with per-document context distillation (``d2l_jax.baselines``)."""
 

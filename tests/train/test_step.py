@@ -198,7 +198,7 @@ def test_apply_finite_update_is_optaxs_apply_if_finite_then_apply_updates():
     chex.assert_trees_all_equal(ours, theirs)
     ours_params = theirs_params = params
     step = jax.jit(lambda g, s, p: apply_finite_update(optimizer, g, s, p, optax.tree.norm(g)))
-    for i, bad in enumerate([None, None, np.nan, np.inf, None, np.nan, None]):
+    for bad in [None, None, np.nan, np.inf, None, np.nan, None]:
         grads = jax.tree.map(lambda x: rng.normal(size=x.shape).astype(np.float32), params)
         if bad is not None:
             grads["head"]["head"][1, 2] = bad

@@ -97,3 +97,20 @@ def document_of_length(d2l, tokens: int) -> str:
         if count == tokens:
             return text
         words = words[: len(words) + tokens - count] if count > tokens else words + list(rng.choice(WORDS, tokens - count))
+
+
+def train_step_case(case: str, precision: str = "float32", first_moment_dtype: str = "float32"):
+    """``(base, hyper, trainer, base_params, batch)`` for a ``CONFIG:LOSS`` train-step case on the embedded
+    SmolLM2 (batch 1, offline teacher targets as the reference trains), uncompiled."""
+    from d2l_jax.train.config import TrainConfig
+    from d2l_jax.train.step import Trainer
+
+    config_name, loss = case.split(":")
+    base = load_smollm2(precision)
+    hyper, execution = hypernet_config(config_name, precision)
+    hyper = hyper.replace(max_chunk_len=CONTEXT)
+    train = TrainConfig(loss=loss, teacher="offline", batch_size=1, steps=1000, first_moment_dtype=first_moment_dtype)
+    trainer = Trainer(hyper, base.config, train, execution=execution)
+    base_params = trainer.put_base_params(base.params)
+    batch = trainer.put_batch(train_step_batch(base.config.vocab_size, loss == "top_k_kl"))
+    return base, hyper, trainer, base_params, batch

@@ -4,7 +4,7 @@ Measures, in one run:
 
   1. The matmul ceiling: achieved GFLOP/s of a jitted ``[n, n] @ [n, n]`` in JAX (and, for
      context, the same matmul in torch).
-  2. The JAX forward of SmolLM2-135M-Instruct (``d2l_jax.load_base_model``) on one row of ``--tokens``
+  2. The JAX forward of SmolLM2-135M-Instruct (``common.load_smollm2``) on one row of ``--tokens``
      random token ids with full logits ``[1, T, V]``: seconds, tokens/s, GFLOP/s from an analytic FLOP
      count (``forward_flops``), and the share of the matmul ceiling. Also timed without the lm head
      (logits at the last position only).

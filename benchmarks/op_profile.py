@@ -26,7 +26,7 @@ import numpy as np
 from absl import app, flags
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from common import CONTEXT, PRECISIONS, document_of_length, hypernet_config, load_smollm2, train_step_batch  # noqa: E402
+from common import PRECISIONS, document_of_length, hypernet_config, load_smollm2, train_step_case  # noqa: E402
 
 _WORKLOAD = flags.DEFINE_enum("workload", "train_step", ["train_step", "forward", "generate", "internalize"], "What to profile.")
 _CASE = flags.DEFINE_string("case", None, "train_step: CONFIG:LOSS (default niah:ce); internalize: CONFIG:TOKENS (default niah:128).")
@@ -42,15 +42,7 @@ def workload(name: str, case: str | None, precision: str):
     import jax
 
     if name == "train_step":
-        from d2l_jax.train.config import TrainConfig
-        from d2l_jax.train.step import Trainer
-
-        config_name, loss = (case or "niah:ce").split(":")
-        base = load_smollm2(precision)
-        hyper, execution = hypernet_config(config_name, precision)
-        trainer = Trainer(hyper.replace(max_chunk_len=CONTEXT), base.config, TrainConfig(loss=loss, teacher="offline", batch_size=1), execution=execution)
-        base_params = trainer.put_base_params(base.params)
-        data = trainer.put_batch(train_step_batch(base.config.vocab_size, loss == "top_k_kl"))
+        _, _, trainer, base_params, data = train_step_case(case or "niah:ce", precision)
         trainer.compile(trainer.abstract_state(), base_params, data)
         state = [trainer.init_state()]
 

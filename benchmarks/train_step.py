@@ -22,7 +22,7 @@ import numpy as np
 from absl import app, flags
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from common import CONTEXT, PRECISIONS, hypernet_config, load_smollm2, matmul_gflops, peak_rss_gb, train_step_batch  # noqa: E402
+from common import PRECISIONS, matmul_gflops, peak_rss_gb, train_step_case  # noqa: E402
 
 _CASES = flags.DEFINE_list("cases", ["main:top_k_kl", "main:ce", "niah:ce"], "CONFIG:LOSS cases.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed steps per case.")
@@ -30,20 +30,13 @@ _PRECISION = flags.DEFINE_enum("precision", "float32", PRECISIONS, "Base model a
 _FIRST_MOMENT = flags.DEFINE_enum("first_moment_dtype", "float32", ["float32", "bfloat16"], "AdamW's first moment (train.first_moment_dtype).")
 _CASE = flags.DEFINE_string("case", None, "Internal: run one case and print JSON.")
 
+
 def run_case(case: str, repeats: int, precision: str, first_moment_dtype: str) -> dict:
     import jax
 
     import d2l_jax
-    from d2l_jax.train.config import TrainConfig
-    from d2l_jax.train.step import Trainer
 
-    config_name, loss = case.split(":")
-    base = load_smollm2(precision)
-    hyper, execution = hypernet_config(config_name, precision)
-    hyper = hyper.replace(max_chunk_len=CONTEXT)
-    trainer = Trainer(hyper, base.config, TrainConfig(loss=loss, teacher="offline", batch_size=1, steps=1000, first_moment_dtype=first_moment_dtype), execution=execution)
-    base_params = trainer.put_base_params(base.params)
-    data = trainer.put_batch(train_step_batch(base.config.vocab_size, loss == "top_k_kl"))
+    base, hyper, trainer, base_params, data = train_step_case(case, precision, first_moment_dtype)
     start = time.perf_counter()
     trainer.compile(trainer.abstract_state(), base_params, data)  # before the state, as training does
     compile_s = time.perf_counter() - start

@@ -27,6 +27,7 @@ from d2l_jax.hypernet.adapter import (
 from d2l_jax.hypernet.config import HypernetConfig, HypernetExecution
 from d2l_jax.hypernet.hypernet import abstract_hypernet, init_hypernet, matmul_weights_in, param_count
 from d2l_jax.models.base_model import BaseExecution, BaseModel
+from d2l_jax.models.layout import split_layers
 from d2l_jax.models.lora import LoRA
 from d2l_jax.train.checkpoint import (
     CheckpointCorruptError,
@@ -58,13 +59,15 @@ class D2L:
         self.params = params
         self.adapter: Adapter | None = None
         self._affixes = None
-        self._weights: tuple[Any, str, Any] | None = None  # (params, dtype, matmul_weights_in(params, dtype))
+        self._weights: tuple[Any, HypernetExecution, Any] | None = None  # (params, execution, their inference form)
 
     def _inference_params(self):
-        """The variables with their matmul weights in the execution's compute dtype, cast once per
-        (params, dtype) rather than inside every call."""
-        if self._weights is None or self._weights[0] is not self.params or self._weights[1] != self.execution.dtype:
-            self._weights = (self.params, self.execution.dtype, matmul_weights_in(self.params, self.execution.dtype))
+        """The variables with their matmul weights in the execution's compute dtype and the layers of fully
+        unrolled loops held apart (``d2l_jax.models.layout``), prepared once per (params, execution)
+        rather than inside every call."""
+        if self._weights is None or self._weights[0] is not self.params or self._weights[1] != self.execution:
+            weights = split_layers(matmul_weights_in(self.params, self.execution.dtype), self.execution.scan_unroll)
+            self._weights = (self.params, self.execution, weights)
         return self._weights[2]
 
     @classmethod

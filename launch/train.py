@@ -1,6 +1,7 @@
 """Meta-trains D2L: ``python -m launch.train --config=experiments/niah_smollm2.py --workdir=DIR [--config.x=y]``.
 
-Resumes from the newest checkpoint in ``DIR/checkpoints`` that verifies (``--resume_step`` picks one); SIGTERM
+Resumes from the newest checkpoint in ``DIR/checkpoints`` that verifies (``--resume_step`` picks one);
+``--stop_after=N`` ends this call after N more steps with a checkpoint, the schedule unchanged; SIGTERM
 and SIGINT (Ctrl-C) save a checkpoint and exit with status 3. Multi-host: pass
 ``--coordinator_address``, ``--num_processes`` and ``--process_id`` (or nothing on a TPU VM, where the
 environment says it) and run the same command on every host.
@@ -24,6 +25,9 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of pr
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "number of processes (multi-host)")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process's index (multi-host)")
 _RESUME_STEP = flags.DEFINE_integer("resume_step", None, "resume from this checkpoint step (default: the newest that verifies)")
+_STOP_AFTER = flags.DEFINE_integer(
+    "stop_after", None, "end this call after this many more steps (checkpoint saved; the schedule still runs to train.steps)", lower_bound=1
+)
 
 
 def main(argv):
@@ -40,7 +44,7 @@ def main(argv):
     experiment = parse_experiment(json.loads(_CONFIG.value.to_json()))
     base = experiment.base_execution.load(experiment.model)
     evaluator = make_evaluator(experiment.evaluator, base, seed=experiment.train.seed) if experiment.evaluator else None
-    result = train(experiment, _WORKDIR.value, base=base, evaluator=evaluator, resume_step=_RESUME_STEP.value)
+    result = train(experiment, _WORKDIR.value, base=base, evaluator=evaluator, stop_after=_STOP_AFTER.value, resume_step=_RESUME_STEP.value)
     if jax.process_index() == 0:
         print(json.dumps(result, indent=2))
     if result["stopped_by"]:

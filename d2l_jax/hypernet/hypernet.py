@@ -20,6 +20,7 @@ from d2l_jax.hypernet.encoder import context_features
 from d2l_jax.hypernet.head import LoRAHead, bias_lora, pad_to_base_layers
 from d2l_jax.hypernet.perceiver import Perceiver
 from d2l_jax.models.families import DecoderConfig
+from d2l_jax.models.layout import stacked_layers
 from d2l_jax.models.lora import LoRA
 
 
@@ -93,7 +94,7 @@ def layer_latents(config: HypernetConfig, base: DecoderConfig, params: dict, fea
     """
     perceiver, _ = _modules(config, base, execution)
     mask = mask.astype(bool)
-    run = lambda f, m: perceiver.apply({"params": params["perceiver"]}, f, m)
+    run = lambda f, m: perceiver.apply({"params": stacked_layers(params["perceiver"])}, f, m)
     num_layers, modules, rank = config.num_adapted(base), len(config.target_modules), config.lora_rank
     if not config.layer_to_layer:
         latents = run(features, mask).reshape(features.shape[0], num_layers, modules, rank, -1)

@@ -19,6 +19,7 @@ from d2l_jax.models import generate as gen
 from d2l_jax.models.decoder import Decoder
 from d2l_jax.models.families import PUBLISHED_CONFIGS, REMAT_POLICIES, DecoderConfig
 from d2l_jax.models.layers import positions_from_mask
+from d2l_jax.models.layout import split_layers, stacked_layers
 from d2l_jax.models.lora import LoRA, validate_lora
 from d2l_jax.models.weights.gguf import config_from_gguf, gguf_metadata, load_gguf, open_gguf
 from d2l_jax.models.weights.safetensors import load_hf_directory, read_hf_config
@@ -67,7 +68,7 @@ def embedded_model_path(name: str) -> Path:
 @functools.partial(jax.jit, static_argnames=("config",))
 def _logits(config: DecoderConfig, params, tokens, mask, lora):
     positions = positions_from_mask(mask)
-    return Decoder(config).apply({"params": params}, tokens, positions, mask, lora=lora).logits
+    return Decoder(config).apply({"params": stacked_layers(params)}, tokens, positions, mask, lora=lora).logits
 
 
 @dataclasses.dataclass
@@ -304,7 +305,9 @@ class BaseExecution:
     param_dtype: dtype of the base weights in memory (``float32`` or ``bfloat16``).
     dtype: matmul compute dtype (defaults to ``param_dtype``); norms, softmax and logits stay float32.
     remat_policy: rematerialisation of the scanned decoder layers (``DecoderConfig.remat_policy``).
-    scan_unroll: layers per iteration of the loops over layers (``DecoderConfig.scan_unroll``).
+    scan_unroll: layers per iteration of the loops over layers (``DecoderConfig.scan_unroll``); unrolled
+      fully (at least ``num_layers``), the layers' weights are held as separate arrays, which XLA multiplies
+      in place instead of copying each layer out of a stacked one (``d2l_jax.models.layout``).
     """
 
     param_dtype: str = "float32"
@@ -333,7 +336,7 @@ class BaseExecution:
     def load(self, model: str | os.PathLike) -> BaseModel:
         """The base model ``model`` (as :func:`load_base_model` takes it), stored and run this way."""
         base = load_base_model(model, self.param_dtype, self.compute_dtype)
-        return dataclasses.replace(base, config=self.apply(base.config))
+        return dataclasses.replace(base, config=self.apply(base.config), params=split_layers(base.params, self.scan_unroll))
 
 
 def base_architecture(model: str | os.PathLike) -> DecoderConfig:

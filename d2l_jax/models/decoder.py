@@ -30,6 +30,7 @@ from jaxtyping import Array, Bool, Float, Int
 
 from d2l_jax.models.families import DecoderConfig
 from d2l_jax.models.layers import DEFAULT_KERNEL_INIT, Linear, RMSNorm, attend, compute_einsum, positions_from_mask
+from d2l_jax.models.layout import stacked_layers
 from d2l_jax.models.lora import LoRA
 from d2l_jax.sharding import constrain
 
@@ -360,16 +361,17 @@ def project_logits(config: DecoderConfig, final_norm, embedding, lm_head, x: Flo
 
 
 def _layer_runner(config: DecoderConfig, params: dict, segment_ids: Int[Array, "B T"]):
-    """``run(x, index, lora_layer)``: decoder layer ``index`` on ``x``, its parameters indexed in place (no copy)."""
+    """``run(x, index, lora_layer)``: decoder layer ``index`` on ``x`` (``params`` stacked or split by layer)."""
     positions = positions_from_mask(segment_ids > 0)
     cos, sin = rope_tables(config, positions)
     slots = jnp.arange(segment_ids.shape[1])
     masks = layer_masks(config, segment_ids, segment_ids, slots, slots)
     flags = sliding_flags(config)
     block = Block(config)
+    layers = stacked_layers(params)["layers"]
 
     def run(x, index, lora_layer=None):
-        layer_params = jax.tree.map(lambda p: jax.lax.dynamic_index_in_dim(p, index, keepdims=False), params["layers"])
+        layer_params = jax.tree.map(lambda p: jax.lax.dynamic_index_in_dim(p, index, keepdims=False), layers)
         is_sliding = None if flags is None else flags[index]
         y, _ = block.apply({"params": layer_params}, x, cos, sin, masks, jnp.zeros((), jnp.int32), lora_layer, None, is_sliding)
         return y
@@ -383,8 +385,8 @@ def first_layers_hidden_states(
     config: DecoderConfig, params: dict, tokens: Int[Array, "B T"], segment_ids: Int[Array, "B T"], num_layers: int
 ) -> Float[Array, "n B T D"]:
     """Hidden states of the first ``num_layers`` layers, as ``Decoder(...).hidden_states`` of a model cut
-    after them: ``[num_layers + 1, B, T, D]``, the last entry final-normed. The stacked layer parameters
-    are indexed in place rather than sliced, so no copy of the weights is made."""
+    after them: ``[num_layers + 1, B, T, D]``, the last entry final-normed. Only those layers' weights are
+    read."""
     run = _layer_runner(config, params, segment_ids)
     x = embed_tokens(config, params["embedding"], tokens)
     x, inputs = jax.lax.scan(lambda x, i: (run(x, i), x), x, jnp.arange(num_layers), unroll=config.scan_unroll)
@@ -434,6 +436,6 @@ def label_logits(
     if lora is not None and first_adapted_layer:
         return late_lora_logits(config, params, tokens, mask, label_positions, lora, first_adapted_layer)
     out = Decoder(config).apply(
-        {"params": params}, tokens, positions_from_mask(mask), mask, lora=lora, logit_positions=label_positions
+        {"params": stacked_layers(params)}, tokens, positions_from_mask(mask), mask, lora=lora, logit_positions=label_positions
     )
     return out.logits

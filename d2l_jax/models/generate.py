@@ -18,6 +18,7 @@ from jaxtyping import Array, Float, Int
 from d2l_jax.models.decoder import Decoder, KVCache
 from d2l_jax.models.families import DecoderConfig
 from d2l_jax.models.layers import positions_from_mask
+from d2l_jax.models.layout import stacked_layers
 from d2l_jax.models.lora import LoRA
 
 NO_TOKEN = -1  # fills the output after a row has stopped
@@ -83,7 +84,7 @@ def generate_tokens(
     then NO_TOKEN.
     """
     model = Decoder(config)
-    variables = {"params": params}
+    variables = {"params": stacked_layers(params)}
     batch, length = tokens.shape
     positions = positions_from_mask(mask)
     prefill = model.apply(

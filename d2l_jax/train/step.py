@@ -35,6 +35,7 @@ from d2l_jax.hypernet.config import HypernetConfig, HypernetExecution
 from d2l_jax.hypernet.hypernet import batch_centered_document_adapters, document_adapters, init_hypernet, join_stats, split_stats
 from d2l_jax.models.decoder import Decoder, label_logits
 from d2l_jax.models.families import DecoderConfig
+from d2l_jax.models.layout import split_layers
 from d2l_jax.train import losses
 from d2l_jax.train.config import TrainConfig
 from d2l_jax.train.distillation import teacher_targets
@@ -183,6 +184,8 @@ class Trainer:
         boxed_base = jax.eval_shape(
             lambda: Decoder(base).init(jax.random.key(0), *(jnp.zeros((1, 1), jnp.int32),) * 3, compute_logits=True)
         )["params"]
+        one_layer = lambda box, i: nn.Partitioned(jax.ShapeDtypeStruct(box.value.shape[1:], box.value.dtype), box.names[1:], box.mesh)
+        boxed_base = split_layers(boxed_base, base.scan_unroll, one_layer, is_leaf=lambda x: isinstance(x, nn.Partitioned))
         self.base_shardings = sharding.logical_shardings(boxed_base, self.mesh)
         self._base_shapes = nn.unbox(boxed_base)
         self.batch_sharding = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(None, ("data", "fsdp")))
@@ -220,8 +223,9 @@ class Trainer:
         )
 
     def put_base_params(self, base_params):
-        """The frozen base parameters placed on the mesh (sharded as the logical rules say)."""
-        return jax.device_put(base_params, self.base_shardings)
+        """The frozen base parameters placed on the mesh (sharded as the logical rules say; split by layer
+        when the base's layer loop is unrolled fully, as ``BaseExecution.load`` holds them)."""
+        return jax.device_put(split_layers(base_params, self.base.scan_unroll), self.base_shardings)
 
     def put_batch(self, batch: dict):
         """This process's part of a batch (``[A, B / processes, ...]`` numpy arrays) as global arrays.

@@ -41,6 +41,19 @@ def test_online_and_offline_teacher_give_the_same_loss_and_gradients(base_params
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8), online_grads, offline_grads)
 
 
+def test_a_step_with_the_base_layers_held_apart_equals_the_stacked_step(base_params):
+    """With the base's layer loop unrolled fully, its weights are placed one array per layer (``models.layout``)."""
+    results = []
+    for base in (BASE, BASE.replace(scan_unroll=BASE.num_layers)):
+        trainer = Trainer(HYPER, base, TrainConfig(batch_size=2, **SGD_LIKE))
+        placed = trainer.put_base_params(base_params)
+        assert isinstance(placed["layers"], tuple) == (base.scan_unroll == base.num_layers)
+        chex.assert_trees_all_equal_shapes_and_dtypes(trainer.abstract_base_params(), placed)
+        results.append(trainer.step(trainer.init_state(), placed, trainer.put_batch(random_batch())))
+    assert float(results[0][1]["loss"]) > 0
+    chex.assert_trees_all_close(results[1], results[0], rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize("loss", ["ce", "top_k_kl", "full_kl"])
 def test_a_few_steps_lower_the_loss_and_compile_once(base_params, loss):
     trainer = Trainer(HYPER, BASE, TrainConfig(loss=loss, batch_size=2, l1_coef=0.0, **(SGD_LIKE | {"learning_rate": 1e-2, "min_learning_rate": 1e-2})))

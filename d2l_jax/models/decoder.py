@@ -361,23 +361,41 @@ def project_logits(config: DecoderConfig, final_norm, embedding, lm_head, x: Flo
 
 
 def _layer_runner(config: DecoderConfig, params: dict, segment_ids: Int[Array, "B T"]):
-    """``run(x, index, lora_layer)``: decoder layer ``index`` on ``x`` (``params`` stacked or split by layer)."""
+    """``run(x, first, last, lora=None, collect=False)``: decoder layers ``first..last-1`` on ``x``, returning
+    ``x`` and, with ``collect``, each layer's input ``[last - first, B, T, D]``. ``lora`` holds those layers'
+    adapters, layer-major. Stacked layer weights run in a ``lax.scan`` indexing them; weights held apart
+    (``models.layout``) in a Python loop, so that every matmul reads its layer's own array."""
     positions = positions_from_mask(segment_ids > 0)
     cos, sin = rope_tables(config, positions)
     slots = jnp.arange(segment_ids.shape[1])
     masks = layer_masks(config, segment_ids, segment_ids, slots, slots)
     flags = sliding_flags(config)
     block = Block(config)
-    layers = stacked_layers(params)["layers"]
+    layers = params["layers"]
 
-    def run(x, index, lora_layer=None):
-        layer_params = jax.tree.map(lambda p: jax.lax.dynamic_index_in_dim(p, index, keepdims=False), layers)
-        is_sliding = None if flags is None else flags[index]
+    def layer(x, layer_params, is_sliding, lora_layer):
         y, _ = block.apply({"params": layer_params}, x, cos, sin, masks, jnp.zeros((), jnp.int32), lora_layer, None, is_sliding)
         return y
 
     if config.remat_policy != "none":
-        run = jax.checkpoint(run, policy=_REMAT_POLICIES[config.remat_policy])
+        layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[config.remat_policy])
+
+    def run(x, first, last, lora=None, collect=False):
+        if isinstance(layers, tuple):
+            inputs = []
+            for n, index in enumerate(range(first, last)):
+                inputs.append(x)
+                lora_layer = None if lora is None else jax.tree.map(lambda a: a[n], lora)
+                x = layer(x, layers[index], None if flags is None else flags[index], lora_layer)
+            return x, jnp.stack(inputs) if collect else None
+
+        def step(x, inputs):
+            index, lora_layer = inputs
+            layer_params = jax.tree.map(lambda p: jax.lax.dynamic_index_in_dim(p, index, keepdims=False), layers)
+            return layer(x, layer_params, None if flags is None else flags[index], lora_layer), x if collect else None
+
+        return jax.lax.scan(step, x, (jnp.arange(first, last), lora), unroll=config.scan_unroll)
+
     return run
 
 
@@ -388,8 +406,7 @@ def first_layers_hidden_states(
     after them: ``[num_layers + 1, B, T, D]``, the last entry final-normed. Only those layers' weights are
     read."""
     run = _layer_runner(config, params, segment_ids)
-    x = embed_tokens(config, params["embedding"], tokens)
-    x, inputs = jax.lax.scan(lambda x, i: (run(x, i), x), x, jnp.arange(num_layers), unroll=config.scan_unroll)
+    x, inputs = run(embed_tokens(config, params["embedding"], tokens), 0, num_layers, collect=True)
     last = RMSNorm(config.rms_norm_eps, config.norm_weight_offset).apply({"params": params["final_norm"]}, x)
     return jnp.concatenate([inputs, last[None]], axis=0)
 
@@ -409,12 +426,9 @@ def late_lora_logits(
     only goes through the adapted layers; the result equals the full model's.
     """
     run = _layer_runner(config, params, segment_ids)
-    x = embed_tokens(config, params["embedding"], tokens)
-    x, _ = jax.lax.scan(lambda x, i: (run(x, i), None), x, jnp.arange(first_layer), unroll=config.scan_unroll)
-    x = jax.lax.stop_gradient(x)
+    x, _ = run(embed_tokens(config, params["embedding"], tokens), 0, first_layer)
     late = jax.tree.map(lambda a: jnp.moveaxis(a[:, first_layer:], 1, 0), lora)
-    adapted = (jnp.arange(first_layer, config.num_layers), late)
-    x, _ = jax.lax.scan(lambda x, inp: (run(x, *inp), None), x, adapted, unroll=config.scan_unroll)
+    x, _ = run(jax.lax.stop_gradient(x), first_layer, config.num_layers, late)
     final_norm = lambda h: RMSNorm(config.rms_norm_eps, config.norm_weight_offset).apply({"params": params["final_norm"]}, h)
     return project_logits(config, final_norm, params["embedding"], params.get("lm_head"), x, logit_positions)
 

@@ -37,7 +37,7 @@ def test_a_model_with_its_layers_apart_computes_what_the_stacked_one_does(tiny_l
     mask[1, :3] = 0
     chex.assert_trees_all_equal(apart.logits(ids, mask), stacked.logits(ids, mask))
     hidden = [first_layers_hidden_states(m.config, m.params, ids, mask, 2) for m in (apart, stacked)]
-    chex.assert_trees_all_equal(*hidden)
+    chex.assert_trees_all_close(*hidden, rtol=1e-5, atol=1e-5)  # a Python loop against a scan: rounding apart
     prompts = [[1, 5, 9, 3], [7, 2]]
     replies = [generate_tokens(*args, buffer=buffer) for args, buffer in (m.generation_args(prompts, 6, None, 0.0, 1.0, 0) for m in (apart, stacked))]
     chex.assert_trees_all_equal(*replies)

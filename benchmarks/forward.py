@@ -52,6 +52,7 @@ from d2l_jax.models import generate as gen
 from d2l_jax.models.base_model import EMBEDDED_MODELS, _logits
 from d2l_jax.models.decoder import Decoder
 from d2l_jax.models.families import DecoderConfig
+from d2l_jax.models.layout import stacked_layers
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import PRECISIONS, load_smollm2  # noqa: E402
@@ -186,7 +187,7 @@ def jax_forward_without_head(model, ids: np.ndarray) -> Benchmark:
 
     @jax.jit
     def forward(params):
-        return Decoder(model.config).apply({"params": params}, tokens, positions, mask, logit_positions=last).logits
+        return Decoder(model.config).apply({"params": stacked_layers(params)}, tokens, positions, mask, logit_positions=last).logits
 
     return lambda: jax.block_until_ready(forward(model.params))
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib.util
+import json
 import os
 from pathlib import Path
 from typing import Any, Sequence
@@ -13,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from transformers import AutoTokenizer
+from transformers import PreTrainedTokenizerFast
 
 from d2l_jax.models import generate as gen
 from d2l_jax.models.decoder import Decoder
@@ -32,6 +33,13 @@ class EmbeddedModel:
     package: str
     filename: str
     install: str
+
+
+# The embedded models' tokenizers as transformers converts them from the GGUF files (with
+# ``_fix_special_tokens``), saved in the package: transformers reads a GGUF file's tokenizer only with
+# torch installed, which a JAX install need not have. ``tests/models/test_embedded_tokenizer.py`` checks
+# that they still equal the conversion and rewrites them with ``D2L_WRITE_EMBEDDED_TOKENIZERS=1``.
+EMBEDDED_TOKENIZERS = Path(__file__).parent / "embedded_tokenizers"
 
 
 EMBEDDED_MODELS = {
@@ -234,6 +242,34 @@ def _rows_for_batch(lora: LoRA, prompts: int, rows: int) -> LoRA:
     return LoRA(A={k: take(v) for k, v in lora.A.items()}, B={k: take(v) for k, v in lora.B.items()}, alpha=lora.alpha)
 
 
+def gguf_tokenizer(path: Path, meta: dict):
+    """The tokenizer of a GGUF file as transformers converts it (which needs torch), with the special tokens
+    as the file intends them (``meta``: its :func:`gguf_metadata`)."""
+    if importlib.util.find_spec("torch") is None:
+        raise ImportError(f"transformers reads the tokenizer of a GGUF file ({path}) only with torch installed: pip install torch")
+    from transformers import AutoTokenizer  # imports torch where installed: only where needed
+
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    _fix_special_tokens(tokenizer, meta)
+    return tokenizer
+
+
+def save_embedded_tokenizer(name: str) -> Path:
+    """Writes an embedded model's tokenizer, converted from its GGUF file (torch needed), to
+    ``EMBEDDED_TOKENIZERS / name``: ``tokenizer.json`` and a ``tokenizer_config.json`` with the chat
+    template, readable by every transformers version this package supports."""
+    path = embedded_model_path(name)
+    out = EMBEDDED_TOKENIZERS / name
+    tokenizer = gguf_tokenizer(path, gguf_metadata(open_gguf(path)))
+    tokenizer.save_pretrained(out)
+    config = json.loads((out / "tokenizer_config.json").read_text())
+    config = {k: v for k, v in config.items() if k not in ("is_local", "local_files_only")}
+    config |= {"tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": tokenizer.add_bos_token, "chat_template": tokenizer.chat_template}
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (out / "chat_template.jinja").unlink(missing_ok=True)
+    return out
+
+
 def _fix_special_tokens(tokenizer, meta: dict) -> None:
     """GGUF tokenizer metadata as the model intends it: eos/pad from the file, BOS only if it says so."""
     vocab = tokenizer.get_vocab()
@@ -286,11 +322,12 @@ def load_base_model(name_or_path: str | os.PathLike, dtype: str = "float32", com
 
     if path.suffix == ".gguf":
         config, params, meta = load_gguf(path, dtype, compute_dtype)
-        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-        _fix_special_tokens(tokenizer, meta)
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(EMBEDDED_TOKENIZERS / name) if name in EMBEDDED_MODELS else gguf_tokenizer(path, meta)
     else:
         config, params = load_hf_directory(path, dtype, compute_dtype)
         has_tokenizer = any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
+        from transformers import AutoTokenizer  # imports torch where installed: only where needed
+
         tokenizer = AutoTokenizer.from_pretrained(path) if has_tokenizer else None
         if tokenizer is not None and tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token

@@ -54,6 +54,16 @@ def test_a_step_with_the_base_layers_held_apart_equals_the_stacked_step(base_par
     chex.assert_trees_all_close(results[1], results[0], rtol=1e-5, atol=1e-7)
 
 
+def test_the_fresh_state_is_made_in_two_programs_as_in_one():
+    """``init_state`` makes the parameters, then the optimizer state (a lower peak); the state is the same
+    as one program makes it, on the state's shardings."""
+    trainer = Trainer(HYPER, BASE, TrainConfig(batch_size=2, seed=3))
+    state = trainer.init_state()
+    chex.assert_trees_all_equal(state, jax.jit(trainer._fresh_state)(jax.random.key(3)))
+    assert jax.tree.map(lambda x: x.sharding, state) == trainer.state_shardings
+    chex.assert_trees_all_equal_shapes_and_dtypes(state, trainer.abstract_state())
+
+
 @pytest.mark.parametrize("loss", ["ce", "top_k_kl", "full_kl"])
 def test_a_few_steps_lower_the_loss_and_compile_once(base_params, loss):
     trainer = Trainer(HYPER, BASE, TrainConfig(loss=loss, batch_size=2, l1_coef=0.0, **(SGD_LIKE | {"learning_rate": 1e-2, "min_learning_rate": 1e-2})))

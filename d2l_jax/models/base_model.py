@@ -36,9 +36,9 @@ class EmbeddedModel:
 
 
 # The embedded models' tokenizers as transformers converts them from the GGUF files (with
-# ``_fix_special_tokens``), saved in the package: transformers reads a GGUF file's tokenizer only with
-# torch installed, which a JAX install need not have. ``tests/models/test_embedded_tokenizer.py`` checks
-# that they still equal the conversion and rewrites them with ``D2L_WRITE_EMBEDDED_TOKENIZERS=1``.
+# ``_fix_special_tokens``), saved in the package by ``save_embedded_tokenizer``: transformers reads a GGUF
+# file's tokenizer only with torch installed, which a JAX install need not have.
+# ``tests/models/test_embedded_tokenizer.py`` checks that they still equal the conversion.
 EMBEDDED_TOKENIZERS = Path(__file__).parent / "embedded_tokenizers"
 
 

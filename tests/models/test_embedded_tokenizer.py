@@ -31,6 +31,7 @@ CONVERSATION = [
 
 
 def test_the_shipped_tokenizer_is_the_conversion_of_the_gguf_file():
+    """Should a new transformers convert differently, ``base_model.save_embedded_tokenizer`` rewrites it."""
     path = embedded_model_path(SMOLLM2)
     converted = gguf_tokenizer(path, gguf_metadata(open_gguf(path)))
     shipped = PreTrainedTokenizerFast.from_pretrained(EMBEDDED_TOKENIZERS / SMOLLM2)

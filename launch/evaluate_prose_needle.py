@@ -16,6 +16,7 @@ import json
 from pathlib import Path
 
 from absl import app, flags
+from tqdm.auto import tqdm
 
 from launch import run
 
@@ -45,12 +46,13 @@ def main(argv):
     records = prose_needle_records(paragraphs, _RECORDS.value, _SEED.value)
     # The control reads the next record's paragraph (another number) and is asked the same question.
     controls = [dict(r, context=records[(i + 1) % len(records)]["context"]) for i, r in enumerate(records)]
-    replies = {
-        "d2l": student_replies(d2l, records),
-        "d2l_control": student_replies(d2l, controls),
-        "no_document": base_replies(d2l.base, records, with_context=False),
-        "in_context": base_replies(d2l.base, records, with_context=True),
+    methods = {
+        "d2l": lambda: student_replies(d2l, records),
+        "d2l_control": lambda: student_replies(d2l, controls),
+        "no_document": lambda: base_replies(d2l.base, records, with_context=False),
+        "in_context": lambda: base_replies(d2l.base, records, with_context=True),
     }
+    replies = {method: answer() for method, answer in tqdm(methods.items(), desc="methods")}
     summary = {}
     for method, texts in replies.items():
         hits = [float(is_correct(reply, record)) for reply, record in zip(texts, records, strict=True)]

@@ -17,12 +17,15 @@ would leave. float32, the precision of issue 26's forward target (bfloat16 produ
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
+import os
+import sys
 
 import jax
 import numpy as np
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from forward import interleaved_medians  # noqa: E402
 
 # SmolLM2-135M-Instruct: hidden 576, MLP 1536, 9 query heads and 3 key/value heads of 64, vocabulary 49152.
 LAYERS, HIDDEN, MLP, HEADS, KV, HEAD_DIM, VOCAB = 30, 576, 1536, 9, 3, 64, 49152
@@ -58,18 +61,6 @@ def torch_product(lhs, rhs):
     a = [torch.randn(lhs, generator=generator) for _ in range(LAYERS)]
     b = [torch.randn(rhs, generator=generator) for _ in range(LAYERS)]
     return lambda: [torch.matmul(x, y) for x, y in zip(a, b)]
-
-
-def interleaved_medians(runs: dict, repeats: int) -> dict[str, float]:
-    for run in runs.values():
-        run()
-    times = {name: [] for name in runs}
-    for _ in range(repeats):
-        for name, run in runs.items():
-            start = time.perf_counter()
-            run()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def main() -> None:

@@ -56,7 +56,8 @@ def test_a_corrupt_newest_checkpoint_is_refused_by_name_and_load_falls_back(base
     workdir = copy_of(two_checkpoints, tmp_path)
     flip_bytes(workdir, 6)
     before = files(workdir)
-    with pytest.raises(CheckpointCorruptError, match=r"step 6 .* (corrupt: array params|cannot read)"):
+    # flipped bytes fail the checksum, or (where they land in a compressed chunk) the read itself
+    with pytest.raises(CheckpointCorruptError, match=r"^(cannot read \['params'\] of the checkpoint at step 6 |the checkpoint at step 6 .* is corrupt: array params)"):
         D2L.load(workdir, step=6, base=base)  # a given step is that step or an error
     with caplog.at_level(logging.WARNING):
         fallen_back = D2L.load(workdir, base=base)

@@ -14,6 +14,9 @@ Measures, in one run:
      (``generate_tokens``; no stop token can occur) and torch (``generate`` with ``min_new_tokens``):
      end-to-end tokens/s, and the decode-loop rate with the prefill (a 1-token generation) subtracted.
 
+``--rows`` runs every forward and generation on that many rows of random ids at once (the batched decoding
+of the evaluation harness and the teacher-answer generator); rates count the tokens of every row.
+
 Every timing is the median of ``--repeats`` runs after one warm-up call (at least 10 runs for the
 short ceiling matmul). The JAX and torch runs of each figure are interleaved, one of each per round,
 so that load from other processes on a shared machine hits both sides alike; the header prints the
@@ -26,7 +29,7 @@ Nothing here asserts on the figures.
 
 Run with::
 
-    python benchmarks/forward.py [--tokens 512] [--repeats 3] [--new_tokens 64] [--precision bfloat16]
+    python benchmarks/forward.py [--tokens 512] [--rows 1] [--repeats 3] [--new_tokens 64] [--precision bfloat16]
 """
 
 from __future__ import annotations
@@ -70,6 +73,7 @@ Benchmark = Callable[[], object]  # runs once and returns only when the work is 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=512, help="forward batch / prompt length")
+    parser.add_argument("--rows", type=int, default=1, help="rows of random ids per forward and generation")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per figure (median reported)")
     parser.add_argument("--new_tokens", type=int, default=64, help="greedy tokens to decode")
     parser.add_argument("--matmul_size", type=int, default=2048, help="n of the n x n @ n x n ceiling matmul")
@@ -117,7 +121,7 @@ def interleaved_medians(benchmarks: dict[str, Benchmark], repeats: int) -> dict[
 
 
 def forward_flops(config: DecoderConfig, tokens: int) -> float:
-    """Analytic FLOPs of one forward over ``tokens`` tokens (batch 1) with full logits.
+    """Analytic FLOPs of one forward over one row of ``tokens`` tokens with full logits.
 
     2 FLOPs per multiply-add over every projection (q, k, v, o, gate, up, down) of every layer and the
     lm head, plus attention scores (QK^T) and values (PV), 2 * T * T * heads * head_dim each per layer.
@@ -135,9 +139,9 @@ def lm_head_flops(config: DecoderConfig, tokens: int) -> float:
     return 2.0 * tokens * config.hidden_size * config.vocab_size
 
 
-def random_token_ids(config: DecoderConfig, tokens: int, seed: int) -> np.ndarray:
-    """``[1, tokens]`` int32 ids drawn from the ordinary (non-special) vocabulary."""
-    return np.random.default_rng(seed).integers(FIRST_ORDINARY_ID, config.vocab_size, (1, tokens), dtype=np.int32)
+def random_token_ids(config: DecoderConfig, tokens: int, seed: int, rows: int = 1) -> np.ndarray:
+    """``[rows, tokens]`` int32 ids drawn from the ordinary (non-special) vocabulary."""
+    return np.random.default_rng(seed).integers(FIRST_ORDINARY_ID, config.vocab_size, (rows, tokens), dtype=np.int32)
 
 
 def load_torch_model():
@@ -181,9 +185,9 @@ def jax_forward(model, ids: np.ndarray) -> Benchmark:
 def jax_forward_without_head(model, ids: np.ndarray) -> Benchmark:
     """Forward with logits at the last position only, so the lm head costs one token's worth."""
     tokens = jnp.asarray(ids)
-    positions = jnp.arange(tokens.shape[1])[None]
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
     mask = jnp.ones_like(tokens)
-    last = jnp.full((1, 1), tokens.shape[1] - 1)
+    last = jnp.full((tokens.shape[0], 1), tokens.shape[1] - 1)
 
     @jax.jit
     def forward(params):
@@ -203,8 +207,8 @@ def jax_generate(model, ids: np.ndarray, new_tokens: int) -> Benchmark:
             model.config, model.params, tokens, mask, None, jax.random.key(0), NEVER_EMITTED,
             np.float32(0.0), np.float32(1.0), np.int32(new_tokens), buffer=buffer,
         )  # fmt: skip
-        produced = int((np.asarray(out)[0] != gen.NO_TOKEN).sum())
-        if produced != new_tokens:
+        produced = (np.asarray(out) != gen.NO_TOKEN).sum(axis=1)
+        if (produced != new_tokens).any():
             raise RuntimeError(f"expected {new_tokens} generated tokens, got {produced}")
 
     return run
@@ -257,7 +261,7 @@ def measure(args: argparse.Namespace) -> tuple[DecoderConfig, dict[str, float]]:
     log("loading the JAX and torch models")
     model = load_smollm2(precision)
     torch_model = load_torch_model()
-    ids = random_token_ids(model.config, t, args.seed)
+    ids = random_token_ids(model.config, t, args.seed, args.rows)
 
     log(f"forward, {t} tokens")
     forwards = {
@@ -281,9 +285,10 @@ def measure(args: argparse.Namespace) -> tuple[DecoderConfig, dict[str, float]]:
 
 def table_rows(config: DecoderConfig, s: dict[str, float], args: argparse.Namespace) -> list[tuple[str, str]]:
     """The measurements as (name, formatted value) rows, with the derived rates and ratios."""
-    n, t, new = args.matmul_size, args.tokens, args.new_tokens
-    flops = forward_flops(config, t)
-    body_flops = flops - lm_head_flops(config, t) + lm_head_flops(config, 1)
+    n, new, rows = args.matmul_size, args.new_tokens, args.rows
+    t = args.tokens * rows  # tokens of all rows
+    flops = forward_flops(config, args.tokens) * rows
+    body_flops = flops - (lm_head_flops(config, args.tokens) - lm_head_flops(config, 1)) * rows
     ceiling = 2.0 * n**3 / s["jax_matmul"] / 1e9
     gflops = lambda f, seconds: f / seconds / 1e9
     return [
@@ -303,12 +308,12 @@ def table_rows(config: DecoderConfig, s: dict[str, float], args: argparse.Namesp
         ("JAX/torch forward speed ratio", f"{s['torch_forward'] / s['jax_forward']:.2f}x"),
         ("JAX/torch forward speed ratio without lm head", f"{s['torch_body'] / s['jax_body']:.2f}x"),
         (f"JAX generate {new} tokens s (incl. prefill)", f"{s['jax_generate']:.3f}"),
-        ("JAX generate tokens/s (incl. prefill)", f"{new / s['jax_generate']:.1f}"),
-        ("JAX decode tokens/s (prefill subtracted)", f"{decode_rate(s['jax_generate'], s['jax_prefill'], new):.1f}"),
+        ("JAX generate tokens/s (incl. prefill)", f"{new * rows / s['jax_generate']:.1f}"),
+        ("JAX decode tokens/s (prefill subtracted)", f"{rows * decode_rate(s['jax_generate'], s['jax_prefill'], new):.1f}"),
         (f"torch generate {new} tokens s (incl. prefill)", f"{s['torch_generate']:.3f}"),
-        ("torch generate tokens/s (incl. prefill)", f"{new / s['torch_generate']:.1f}"),
+        ("torch generate tokens/s (incl. prefill)", f"{new * rows / s['torch_generate']:.1f}"),
         ("torch decode tokens/s (prefill subtracted)",
-         f"{decode_rate(s['torch_generate'], s['torch_prefill'], new):.1f}"),
+         f"{rows * decode_rate(s['torch_generate'], s['torch_prefill'], new):.1f}"),
         ("JAX/torch generate speed ratio", f"{s['torch_generate'] / s['jax_generate']:.2f}x"),
     ]
 
@@ -333,7 +338,7 @@ def main() -> None:
     config, seconds = measure(args)
     others = other_processes_share(cpu_at_start, time.perf_counter() - wall_at_start)
     header = [
-        f"SmolLM2-135M-Instruct {args.precision}, batch 1, {args.tokens} tokens, median of {args.repeats} after a warm-up, "
+        f"SmolLM2-135M-Instruct {args.precision}, batch {args.rows}, {args.tokens} tokens, median of {args.repeats} after a warm-up, "
         f"JAX and torch interleaved; {os.cpu_count()} CPUs, torch threads {TORCH_THREADS}",
         f"jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__}, "
         f"transformers {transformers.__version__}",

@@ -13,7 +13,9 @@ Parameter tree (Hugging Face names in parentheses; kernels are ``[d_in, d_out]``
     final_norm/scale                      [D]           (model.norm)
     lm_head                               [D, V]        (lm_head; absent when embeddings are tied)
 
-Layers run under ``nn.scan``; a LoRA (``d2l_jax.models.lora.LoRA``) and a KV cache are scanned with them.
+Layers run under ``nn.scan``; a LoRA (``d2l_jax.models.lora.LoRA``) and a KV cache's layers are scanned with
+them. The cache is only read inside the scan; the new keys and values are written into it once, after it,
+so a decoding loop updates its cache in place instead of rebuilding it every step.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ _REMAT_POLICIES = {
 class KVCache:
     """Keys and values of every layer for ``S`` slots, shared write position for the whole batch.
 
-    k, v: ``[L, B, S, K, head_dim]``; valid: ``[B, S]`` (slot holds a real token); index: next free slot.
+    k, v: ``[L, B, K, S, head_dim]`` (the layout attention reads); valid: ``[B, S]`` (slot holds a real token); index: next free slot.
     ``unwritten`` (static) says no slot has been written, so a prefill into it is causal from slot 0.
     """
 
@@ -59,7 +61,7 @@ class KVCache:
 
     @classmethod
     def empty(cls, config: DecoderConfig, batch: int, length: int) -> "KVCache":
-        shape = (config.num_layers, batch, length, config.num_kv_heads, config.head_dim)
+        shape = (config.num_layers, batch, config.num_kv_heads, length, config.head_dim)
         dtype = jnp.dtype(config.dtype)
         return cls(
             k=jnp.zeros(shape, dtype),
@@ -185,14 +187,14 @@ def causal_blocks(length: int) -> int:
 
 
 class Attention(nn.Module):
-    """Grouped-query self-attention; with ``kv``, over the cache's slots. ``causal_from_start``: the queries
-    sit at key slots ``0..T-1`` (no cache, or a prefill into an empty one), so blocked causal attention applies."""
+    """Grouped-query self-attention over the new tokens and, with ``past`` (``attend``'s cached keys, values
+    and mask of this layer), the cache's slots. Returns the output and the new tokens' keys and values
+    ``[B, T, K, head_dim]``."""
 
     config: DecoderConfig
-    causal_from_start: bool = True
 
     @nn.compact
-    def __call__(self, x, cos, sin, mask, cache_index, lora: LoRA | None, kv):
+    def __call__(self, x, cos, sin, mask, lora: LoRA | None, past):
         c = self.config
         dtype = jnp.dtype(c.dtype)
         alpha = lora.alpha if lora is not None else 1.0
@@ -209,15 +211,10 @@ class Attention(nn.Module):
             k = RMSNorm(c.rms_norm_eps, c.norm_weight_offset, name="k_norm")(k)
         q = apply_rope(q, cos, sin) * jnp.asarray(c.query_scale, q.dtype)
         k = apply_rope(k, cos, sin)
-        if kv is not None:
-            cache_k, cache_v = kv
-            k = jax.lax.dynamic_update_slice_in_dim(cache_k, k.astype(cache_k.dtype), cache_index, axis=1)
-            v = jax.lax.dynamic_update_slice_in_dim(cache_v, v.astype(cache_v.dtype), cache_index, axis=1)
-            kv = (k, v)
-        blocks = causal_blocks(q.shape[1]) if self.causal_from_start else 1
-        out = attend(q, k, v, mask, c.attn_logit_softcap, blocks)
+        blocks = causal_blocks(t) if past is None else 1
+        out = attend(q, k, v, mask, c.attn_logit_softcap, blocks, past)
         out = Linear(c.hidden_size, ("heads", "embed"), dtype, name="o_proj")(out, module_lora("o_proj"), alpha)
-        return out, kv
+        return out, (k, v)
 
 
 class MLP(nn.Module):
@@ -237,20 +234,23 @@ class MLP(nn.Module):
 
 class Block(nn.Module):
     """One pre-norm decoder layer (with ``use_post_norms``, also post-norms on both branches). Scanned:
-    returns the next carry and (layer input if collected, new kv). ``mask`` and ``is_sliding`` are
-    :func:`layer_masks`' result and this layer's :func:`sliding_flags` entry."""
+    returns the next carry and (layer input if collected, the new tokens' keys and values if ``caches``).
+    ``mask`` / ``past_mask`` (over the new tokens / the cache's slots) and ``is_sliding`` are
+    :func:`layer_masks`' results and this layer's :func:`sliding_flags` entry; ``past_kv`` is this layer's
+    cached keys and values or None."""
 
     config: DecoderConfig
     collect_inputs: bool = False
-    causal_from_start: bool = True
+    caches: bool = False
 
     @nn.compact
-    def __call__(self, x, cos, sin, mask, cache_index, lora: LoRA | None, kv, is_sliding=None):
+    def __call__(self, x, cos, sin, mask, lora: LoRA | None, past_kv, past_mask, is_sliding=None):
         c = self.config
         norm = lambda name: RMSNorm(c.rms_norm_eps, c.norm_weight_offset, name=name)
         layer_input = x if self.collect_inputs else None
+        past = None if past_kv is None else (*past_kv, select_mask(past_mask, is_sliding))
         mask = select_mask(mask, is_sliding)
-        h, kv = Attention(c, self.causal_from_start, name="attn")(norm("input_norm")(x), cos, sin, mask, cache_index, lora, kv)
+        h, kv = Attention(c, name="attn")(norm("input_norm")(x), cos, sin, mask, lora, past)
         if c.use_post_norms:
             h = norm("post_attn_norm")(h)
         x = x + h
@@ -258,7 +258,7 @@ class Block(nn.Module):
         if c.use_post_norms:
             h = norm("post_mlp_norm")(h)
         x = constrain(x + h)
-        return x, (layer_input, kv)
+        return x, (layer_input, kv if self.caches else None)
 
 
 class Decoder(nn.Module):
@@ -268,8 +268,8 @@ class Decoder(nn.Module):
     segment 0 marks padding, and distinct positive ids keep packed sequences apart):
 
       - ``lora``: optional per-example LoRA (``d2l_jax.models.lora.LoRA``); None is the base model.
-      - ``cache``: optional KVCache; the tokens are written at ``cache.index`` and attend to every
-        valid earlier slot (packing is not supported in cache mode).
+      - ``cache``: optional KVCache; the tokens attend to every valid earlier slot and are written at
+        ``cache.index`` of the returned cache (packing is not supported in cache mode).
       - ``logit_positions``: optional ``[B, P]`` indices; logits are computed only there.
       - ``compute_logits=False`` skips the vocabulary projection entirely.
       - ``return_hidden_states=True`` also returns ``[L + 1, B, T, D]`` hidden states.
@@ -301,15 +301,18 @@ class Decoder(nn.Module):
         cos, sin = rope_tables(c, positions)
 
         t = tokens.shape[1]
+        past_kv = past_mask = None
         if cache is None:
             slots = jnp.arange(t)
             mask = layer_masks(c, segment_ids, segment_ids, slots, slots)
-            cache_index, kv = jnp.zeros((), jnp.int32), None
         else:
-            valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, segment_ids > 0, cache.index, axis=1)
             query_slots = cache.index + jnp.arange(t)
-            mask = layer_masks(c, jnp.ones_like(segment_ids), valid.astype(jnp.int32), query_slots, jnp.arange(valid.shape[1]))
-            cache_index, kv = cache.index, (cache.k, cache.v)
+            every_query = jnp.ones_like(segment_ids)
+            mask = layer_masks(c, every_query, (segment_ids > 0).astype(jnp.int32), query_slots, query_slots)
+            if not cache.unwritten:
+                past_kv = (cache.k, cache.v)
+                slots = jnp.arange(cache.valid.shape[1])
+                past_mask = layer_masks(c, every_query, cache.valid.astype(jnp.int32), query_slots, slots)
 
         block = Block
         if c.remat_policy != "none":
@@ -318,12 +321,12 @@ class Decoder(nn.Module):
             block,
             variable_axes={"params": 0},
             split_rngs={"params": True},
-            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 1, 0, 0),
+            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 1, 0, nn.broadcast, 0),
             length=c.num_layers,
             unroll=c.scan_unroll,
             metadata_params={nn.PARTITION_NAME: "layers"},
-        )(c, collect_inputs=return_hidden_states, causal_from_start=cache is None or cache.unwritten, name="layers")
-        x, (layer_inputs, kv) = layers(x, cos, sin, mask, cache_index, lora, kv, sliding_flags(c))
+        )(c, collect_inputs=return_hidden_states, caches=cache is not None, name="layers")
+        x, (layer_inputs, kv) = layers(x, cos, sin, mask, lora, past_kv, past_mask, sliding_flags(c))
 
         final_norm = RMSNorm(c.rms_norm_eps, c.norm_weight_offset, name="final_norm")
         last_hidden_state = final_norm(x)  # dropped by XLA when unused
@@ -332,7 +335,10 @@ class Decoder(nn.Module):
             hidden_states = jnp.concatenate([layer_inputs, last_hidden_state[None]], axis=0)
         new_cache = None
         if cache is not None:
-            new_cache = KVCache(k=kv[0], v=kv[1], valid=valid, index=cache.index + t)
+            k, v = (jax.lax.dynamic_update_slice_in_dim(old, new.swapaxes(2, 3).astype(old.dtype), cache.index, axis=3)
+                    for old, new in zip((cache.k, cache.v), kv))  # new: [L, B, T, K, Dh]
+            valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, segment_ids > 0, cache.index, axis=1)
+            new_cache = KVCache(k=k, v=v, valid=valid, index=cache.index + t)
 
         logits = None
         if compute_logits:
@@ -374,7 +380,7 @@ def _layer_runner(config: DecoderConfig, params: dict, segment_ids: Int[Array, "
     layers = params["layers"]
 
     def layer(x, layer_params, is_sliding, lora_layer):
-        y, _ = block.apply({"params": layer_params}, x, cos, sin, masks, jnp.zeros((), jnp.int32), lora_layer, None, is_sliding)
+        y, _ = block.apply({"params": layer_params}, x, cos, sin, masks, lora_layer, None, None, is_sliding)
         return y
 
     if config.remat_policy != "none":

@@ -100,12 +100,16 @@ class Linear(nn.Module):
         return y
 
 
-def attend(q, k, v, mask, softcap: float | None = None, blocks: int = 1):
+def attend(q, k, v, mask, softcap: float | None = None, blocks: int = 1, past=None):
     """Grouped-query attention. q ``[B, T, N, Dh]`` (already scaled), k/v ``[B, S, K, Dh]``, mask ``[B, T, S]``.
 
-    ``blocks > 1`` (only when query t sits at key slot t and the mask is causal) splits the queries into
-    that many blocks, each scoring only the keys up to its end: about half the work, and score tensors
-    ``blocks`` times smaller.
+    ``blocks > 1`` (only when query t sits at key slot t, the mask is causal and there is no ``past``)
+    splits the queries into that many blocks, each scoring only the keys up to its end: about half the
+    work, and score tensors ``blocks`` times smaller.
+
+    ``past``: optional ``(k, v, mask)`` of cached keys, k/v ``[B, K, S', Dh]`` (the KV cache's layout) and
+    mask ``[B, T, S']``; the queries attend over them and ``k``/``v`` under one softmax, without copying
+    the cache into one key tensor.
     """
     b, t, n, dh = q.shape
     kv_heads = k.shape[2]
@@ -113,17 +117,30 @@ def attend(q, k, v, mask, softcap: float | None = None, blocks: int = 1):
     k = k.transpose(0, 2, 1, 3)  # [B, K, S, Dh]
     v = v.transpose(0, 2, 1, 3)
 
-    def block(q_block, mask_block, keys):
-        scores = compute_einsum("bkgtd,bksd->bkgts", q_block, k[:, :, :keys], k.dtype, jnp.float32)
+    def scores_of(q_block, keys, mask_block):
+        scores = compute_einsum("bkgtd,bksd->bkgts", q_block, keys, keys.dtype, jnp.float32)
         if softcap is not None:
             scores = jnp.tanh(scores / softcap) * softcap
-        scores = jnp.where(mask_block[:, None, None, :, :keys], scores, MASKED_SCORE)
-        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        return compute_einsum("bkgts,bksd->bkgtd", probs, v[:, :, :keys], v.dtype)
+        return jnp.where(mask_block[:, None, None], scores, MASKED_SCORE)
+
+    def block(q_block, mask_block, keys):
+        scores = scores_of(q_block, k[:, :, :keys], mask_block[:, :, :keys])
+        if past is None:
+            probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+            return compute_einsum("bkgts,bksd->bkgtd", probs, v[:, :, :keys], v.dtype)
+        past_k, past_v, past_mask = past
+        probs = jax.nn.softmax(jnp.concatenate([scores_of(q_block, past_k, past_mask), scores], axis=-1), axis=-1)
+        probs = probs.astype(v.dtype)
+        cached = past_k.shape[2]
+        return compute_einsum("bkgts,bksd->bkgtd", probs[..., :cached], past_v, v.dtype) + compute_einsum(
+            "bkgts,bksd->bkgtd", probs[..., cached:], v[:, :, :keys], v.dtype
+        )
 
     if blocks == 1:
         out = block(q, mask, k.shape[2])
     else:
+        if past is not None:
+            raise ValueError("causal blocks need queries at key slots 0..T-1, so no cached keys")
         size = t // blocks
         pieces = [block(q[:, :, :, i * size : (i + 1) * size], mask[:, i * size : (i + 1) * size], (i + 1) * size) for i in range(blocks)]
         out = jnp.concatenate(pieces, axis=3)

@@ -278,3 +278,26 @@ def test_sliding_window_layers_are_checked():
     with pytest.raises(ValueError, match=r"needs a sliding_window"):
         c.replace(sliding_window=None)
     assert c.replace(sliding_window_layers=[0, 2]).sliding_window_layers == (0, 2)  # JSON lists come back as tuples
+
+
+def test_a_cache_continued_several_tokens_at_a_time_equals_the_full_forward(family_model):
+    """A prefill, then chunks of 3, 1 and 2 tokens into the written cache: each call's logits are the full
+    forward's at those positions (cached slots and new tokens under one softmax, the sliding window applied
+    to both), and each call writes only its own slots."""
+    from d2l_jax.models.decoder import Decoder, KVCache
+
+    _, model, _ = family_model
+    ids = _ids(1, 12, seed=10)
+    full = np.asarray(model.logits(ids))
+    cache = KVCache.empty(model.config, 1, 16)
+    for start, end in ((0, 6), (6, 9), (9, 10), (10, 12)):
+        out = Decoder(model.config).apply(
+            {"params": model.params}, ids[:, start:end], np.arange(start, end)[None], np.ones((1, end - start), np.int32), cache=cache
+        )
+        np.testing.assert_allclose(np.asarray(out.logits)[0], full[0, start:end], atol=1e-5, rtol=0)
+        for old, new in ((cache.k, out.cache.k), (cache.v, out.cache.v)):
+            np.testing.assert_array_equal(np.asarray(new)[:, :, :, :start], np.asarray(old)[:, :, :, :start])
+            assert np.abs(np.asarray(new)[:, :, :, start:end]).min() > 0
+            assert not np.asarray(new)[:, :, :, end:].any()
+        np.testing.assert_array_equal(np.asarray(out.cache.valid)[0], np.arange(16) < end)
+        cache = out.cache

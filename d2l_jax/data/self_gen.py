@@ -11,10 +11,11 @@ Per document, in three steps:
 2. :func:`teacher_answers`: the teacher (the base model with the document in its prompt, in the format the
    D2L training teacher reads: ``student_messages(question, context=document)``) answers every question
    greedily; a reply that does not end with an end-of-turn token within ``max_new_tokens`` is dropped, as
-   the reference drops ``finish_reason != "stop"``. One teacher-forced forward over the training teacher
-   sequence then gives the top-k log-probabilities at each label position (the reply's tokens through
-   the end-of-turn token, the span ``sequence_with_labels`` defines), the offline targets that
-   ``TrainExampleBuilder`` and ``collate`` read. The generator's own answers are kept as
+   the reference drops ``finish_reason != "stop"``. The top-k log-probabilities at each label position of
+   the training teacher sequence (the reply's tokens through the end-of-turn token, the span
+   ``sequence_with_labels`` defines) are the offline targets that ``TrainExampleBuilder`` and ``collate``
+   read: the distributions the reply was generated from, or, where its text tokenizes differently, one
+   teacher-forced forward over that sequence. The generator's own answers are kept as
    ``generator_answer`` but not trained on (the reference discards them).
 3. :func:`generate_qa_file`: a resumable parquet writer over many documents (:func:`answer_records_file`:
    the teacher alone, on a QA data set's own questions), whose rows ``RecordSource`` reads for training.
@@ -157,11 +158,13 @@ class QAPair(NamedTuple):
 
 
 class Reply(NamedTuple):
-    """A generated reply: its token ids before the stop token, and whether a stop token ended it (False:
-    it reached ``max_new_tokens``)."""
+    """A generated reply: its token ids before the stop token, whether a stop token ended it (False: it
+    reached ``max_new_tokens``), and where asked for and finished, the top-k ``(log_probs, ids)`` (float32 /
+    int32 ``[len(ids) + 1, k]``) of the distributions its tokens and the stop token were chosen from."""
 
     ids: list[int]
     finished: bool
+    top_k: tuple[np.ndarray, np.ndarray] | None = None
 
 
 # Parsing ----------------------------------------------------------------------------------------------------
@@ -239,17 +242,23 @@ def question_messages(
     return [{"role": "system", "content": Q_GEN_SYSTEM_MESSAGE}, {"role": "user", "content": user}]
 
 
-def generate_replies(base: BaseModel, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[Reply]:
-    """Greedy replies to already-templated prompts (token ids), with whether each ended on a stop token.
+def generate_replies(base: BaseModel, prompts: Sequence[Sequence[int]], max_new_tokens: int, top_k: int = 0) -> list[Reply]:
+    """Greedy replies to already-templated prompts (token ids), with whether each ended on a stop token
+    and, with ``top_k``, the top-k of each finished reply's distributions (:class:`Reply`).
 
     Raises ValueError when a prompt plus ``max_new_tokens`` exceeds the model's window."""
     args, buffer = base.generation_args(prompts, max_new_tokens)
-    out = np.asarray(gen.generate_tokens(*args, buffer=buffer))
+    out = gen.generate_tokens(*args, buffer=buffer, top_k=top_k)
+    out, log_probs, top_ids = jax.device_get(out) if top_k else (np.asarray(out), None, None)
     stops = set(base.stop_token_ids)
     replies = []
-    for row in out[: len(prompts)]:
+    for i, row in enumerate(out[: len(prompts)]):
         ids = gen.strip_after_stop(row, stops)
-        replies.append(Reply(ids, len(ids) < len(row) and int(row[len(ids)]) in stops))
+        finished = len(ids) < len(row) and int(row[len(ids)]) in stops
+        distributions = None
+        if top_k and finished:
+            distributions = (log_probs[i, : len(ids) + 1].astype(np.float32), top_ids[i, : len(ids) + 1].astype(np.int32))
+        replies.append(Reply(ids, finished, distributions))
     return replies
 
 
@@ -419,8 +428,8 @@ def _answer_batch(
         for i, r in enumerate(records)
     ]
     stats = TeacherStats(asked=len(records))
-    answered, sequences = [], []
-    for record, reply in zip(records, generate_replies(base, prompts, max_new_tokens)):
+    answered, forwarded, sequences = [], [], []
+    for record, prompt, reply in zip(records, prompts, generate_replies(base, prompts, max_new_tokens, top_k)):
         response = tokenizer.decode(reply.ids, skip_special_tokens=True)
         if not reply.finished:
             stats.unfinished += 1
@@ -428,12 +437,17 @@ def _answer_batch(
             stats.empty += 1
         else:
             ids, start, end = sequence_with_labels(tokenizer, student_messages(record["prompt"], response, record["context"]), stop_ids)
-            stats.retokenized += ids[start : end - 1] != reply.ids
+            retokenized = ids[start : end - 1] != reply.ids
+            stats.retokenized += retokenized
             stats.overlapping += answer_overlap(response, record["context"]) >= OVERLAP_RECALL
             answered.append({**record, "response": response})
-            sequences.append((ids, start, end))
+            if retokenized or ids[:start] != list(prompt) or reply.top_k is None:
+                forwarded.append(answered[-1])
+                sequences.append((ids, start, end))
+            else:  # the training sequence is the generated one: its distributions are the teacher-forced ones
+                answered[-1].update(teacher_log_probs=reply.top_k[0], teacher_ids=reply.top_k[1])
     if sequences:
-        for record, (log_probs, top_ids) in zip(answered, label_top_k(base, sequences, top_k)):
+        for record, (log_probs, top_ids) in zip(forwarded, label_top_k(base, sequences, top_k)):
             record.update(teacher_log_probs=log_probs, teacher_ids=top_ids)
     stats.kept = len(answered)
     return answered, stats
@@ -452,7 +466,9 @@ def teacher_answers(
     ``response``; ``teacher_log_probs`` (float32 ``[labels, top_k]``) and ``teacher_ids`` (int32
     ``[labels, top_k]``) are the teacher-forced top-k at the labels of the training teacher sequence
     (``sequence_with_labels`` of ``student_messages(prompt, response, context)``: the reply's tokens through
-    the end-of-turn token), computed in one forward per batch. Other fields pass through.
+    the end-of-turn token). Where that sequence is the generated one (the reply's text tokenizes back to the
+    same ids), they are the distributions the reply was generated from; otherwise one teacher-forced forward
+    per batch computes them. Other fields pass through.
 
     Returns:
       (the answered records in input order, :class:`TeacherStats`). Replies without an end-of-turn token

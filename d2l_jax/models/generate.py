@@ -60,10 +60,21 @@ class _LoopState:
     cache: KVCache
     done: Array
     out: Int[Array, "B N"]
+    top_log_probs: Float[Array, "B N K"]  # K = 0 unless asked for
+    top_ids: Int[Array, "B N K"]
     key: Array
 
 
-@functools.partial(jax.jit, static_argnames=("config", "buffer"))
+def _record_top_k(log_probs_out, ids_out, logits: Float[Array, "B V"], index):
+    """Writes the top-k (k = the buffers' last axis) of ``logits``' log-softmax at ``index`` of the buffers."""
+    k = ids_out.shape[-1]
+    if k == 0:
+        return log_probs_out, ids_out
+    log_probs, ids = jax.lax.top_k(jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1), k)
+    return log_probs_out.at[:, index].set(log_probs), ids_out.at[:, index].set(ids.astype(jnp.int32))
+
+
+@functools.partial(jax.jit, static_argnames=("config", "buffer", "top_k"))
 def generate_tokens(
     config: DecoderConfig,
     params,
@@ -77,11 +88,14 @@ def generate_tokens(
     limit,
     *,
     buffer: int,
-) -> Int[Array, "B N"]:
+    top_k: int = 0,
+):
     """Generates up to ``limit <= buffer`` tokens per left-padded prompt row.
 
     Returns ``[B, buffer]`` token ids: each row's tokens up to and including its first stop token,
-    then NO_TOKEN.
+    then NO_TOKEN. With ``top_k > 0`` returns ``(ids, log_probs, top_ids)``, the last two ``[B, buffer,
+    top_k]``: at each generated position the top-k of the distribution it was chosen from (float32
+    log-softmax), which for a greedy reply is the teacher-forced distribution over that token.
     """
     model = Decoder(config)
     variables = {"params": stacked_layers(params)}
@@ -99,6 +113,9 @@ def generate_tokens(
     key, subkey = jax.random.split(key)
     token = sample_next(prefill.logits[:, 0], subkey, temperature, top_p)
     empty_row = mask.sum(axis=1) == 0
+    top_log_probs, top_ids = _record_top_k(
+        jnp.zeros((batch, buffer, top_k), jnp.float32), jnp.zeros((batch, buffer, top_k), jnp.int32), prefill.logits[:, 0], 0
+    )
     state = _LoopState(
         step=jnp.ones((), jnp.int32),
         token=token,
@@ -106,6 +123,8 @@ def generate_tokens(
         cache=prefill.cache,
         done=jnp.isin(token, stop_ids) | empty_row,
         out=jnp.full((batch, buffer), NO_TOKEN, jnp.int32).at[:, 0].set(jnp.where(empty_row, NO_TOKEN, token)),
+        top_log_probs=top_log_probs,
+        top_ids=top_ids,
         key=key,
     )
 
@@ -125,6 +144,7 @@ def generate_tokens(
         key, subkey = jax.random.split(s.key)
         token = sample_next(step.logits[:, 0], subkey, temperature, top_p)
         out = s.out.at[:, s.step].set(jnp.where(s.done, NO_TOKEN, token))
+        top_log_probs, top_ids = _record_top_k(s.top_log_probs, s.top_ids, step.logits[:, 0], s.step)
         return _LoopState(
             step=s.step + 1,
             token=token,
@@ -132,10 +152,13 @@ def generate_tokens(
             cache=step.cache,
             done=s.done | jnp.isin(token, stop_ids),
             out=out,
+            top_log_probs=top_log_probs,
+            top_ids=top_ids,
             key=key,
         )
 
-    return jax.lax.while_loop(keep_going, decode_one, state).out
+    final = jax.lax.while_loop(keep_going, decode_one, state)
+    return (final.out, final.top_log_probs, final.top_ids) if top_k else final.out
 
 
 def left_pad(sequences: list[list[int]], length: int, rows: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:

@@ -54,7 +54,7 @@ class ScriptedGenerator:
         self.questions, self.answer = questions, answer
         self.calls: list[tuple[str, list[str], int]] = []
 
-    def __call__(self, base, prompts, max_new_tokens):
+    def __call__(self, base, prompts, max_new_tokens, top_k=0):
         texts = [base.tokenizer.decode(p) for p in prompts]
         kind = "questions" if self_gen.Q_GEN_SYSTEM_MESSAGE in texts[0] else "teacher"
         self.calls.append((kind, texts, max_new_tokens))
@@ -158,7 +158,7 @@ def test_teacher_top_k_equals_the_full_log_softmax_top_k(tiny_base, monkeypatch)
     monkeypatch.setattr(
         self_gen,
         "generate_replies",
-        lambda base, prompts, n: [scripted[base.tokenizer.decode(p).split("\n\n")[-1].split("<")[0]] for p in prompts],
+        lambda base, prompts, n, top_k=0: [scripted[base.tokenizer.decode(p).split("\n\n")[-1].split("<")[0]] for p in prompts],
     )
     answered, stats = self_gen.teacher_answers(tiny_base, records, top_k=16, batch_size=4)
 
@@ -177,6 +177,29 @@ def test_teacher_top_k_equals_the_full_log_softmax_top_k(tiny_base, monkeypatch)
         np.testing.assert_array_equal(record["teacher_ids"], top_ids)
 
 
+def test_teacher_targets_are_the_generated_distributions_where_the_reply_tokenizes_back(tiny_base, monkeypatch):
+    """Real greedy replies (each ended by a token the model emits): a reply whose text tokenizes back to its ids keeps
+    the distributions it was generated from, which equal the teacher-forced top-k; only the others are
+    forwarded again."""
+    records = [{"context": doc, "prompt": q} for doc in DOCS for q in ("Where is it?", "What is it?")]
+    prompts = [tiny_base.chat_ids(student_messages(r["prompt"], context=r["context"])) for r in records]
+    emitted = [r.ids for r in self_gen.generate_replies(tiny_base, prompts, 8)]
+    base = dataclasses.replace(tiny_base, stop_token_ids=(*tiny_base.stop_token_ids, *{ids[4] for ids in emitted}))
+    forwarded = []
+    teacher_forced = self_gen.label_top_k
+    monkeypatch.setattr(self_gen, "label_top_k", lambda b, sequences, k: forwarded.append(len(sequences)) or teacher_forced(b, sequences, k))
+    answered, stats = self_gen.teacher_answers(base, records, top_k=8, max_new_tokens=8, batch_size=8)
+
+    assert stats.kept - stats.retokenized >= 2 and sum(forwarded) == stats.retokenized
+    for record in answered:
+        ids, start, end = sequence_with_labels(
+            base.tokenizer, student_messages(record["prompt"], record["response"], record["context"]), base.stop_token_ids
+        )
+        log_probs, top_ids = jax.lax.top_k(jax.nn.log_softmax(base.logits(np.array([ids]))[0, start - 1 : end - 1], axis=-1), 8)
+        np.testing.assert_allclose(record["teacher_log_probs"], log_probs, atol=1e-4)
+        np.testing.assert_array_equal(record["teacher_ids"], top_ids)
+
+
 # Files -----------------------------------------------------------------------------------------------------------
 
 
@@ -191,7 +214,7 @@ def test_resume_skips_finished_parts_and_the_file_trains(tiny_base, monkeypatch,
     out = tmp_path / "qa.parquet"
     crash = ScriptedGenerator(scripted_questions)
 
-    def crashing(base, prompts, n):
+    def crashing(base, prompts, n, top_k=0):
         if len(crash.calls) == 4:  # part 0 done (two question rounds, its 4 questions answered 2 at a time), part 1 starting
             raise RuntimeError("interrupted")
         return crash(base, prompts, n)

@@ -11,6 +11,11 @@ document), ``OUT/summary.json``, ``OUT/table.md`` and ``OUT/qa_f1_vs_update_late
 same command resumes: finished (method, document) cells are skipped; a larger ``--questions`` or
 ``--cd_documents`` adds documents to the same results, and another ``--cd_steps`` adds CD at that budget
 beside the others (the plot then shows F1 against update latency per budget).
+
+``--base_results=EARLIER/results.json`` joins an earlier run of the same plan (same data, split, seed, template,
+base model and decoding; another checkpoint) into the summary, table and plot: its methods that need no
+checkpoint (``no_document``, ``in_context``, CD), where this run has none, so that evaluating another
+hypernetwork needs only ``--methods=d2l,d2l_control``. This run's ``results.json`` keeps its own records.
 """
 
 from __future__ import annotations
@@ -23,7 +28,17 @@ from absl import app, flags
 from d2l_jax.api import D2L
 from d2l_jax.data.qa_sets import QA_FORMATS, QASource
 from d2l_jax.eval import plots
-from d2l_jax.eval.qa_methods import D2L_METHODS, METHODS, gap_lines, markdown_table, plan_documents, run_comparison, summarize
+from d2l_jax.eval.qa_methods import (
+    D2L_METHODS,
+    METHODS,
+    gap_lines,
+    joined_base_records,
+    lead_lines,
+    markdown_table,
+    plan_documents,
+    run_comparison,
+    summarize,
+)
 from d2l_jax.models.base_model import load_base_model
 from launch import run
 
@@ -37,6 +52,9 @@ _MODEL = flags.DEFINE_string("model", "smollm2-135m-instruct", "base model when 
 _METHODS = flags.DEFINE_list("methods", list(METHODS), f"methods to run, of {', '.join(METHODS)}")
 _QUESTIONS = flags.DEFINE_integer("questions", 500, "at least this many questions (whole documents)")
 _CD_DOCUMENTS = flags.DEFINE_integer("cd_documents", 50, "documents the CD methods run on (the first of the evaluation's)")
+_BASE_RESULTS = flags.DEFINE_string(
+    "base_results", None, "an earlier run's results.json of the same plan whose no-checkpoint methods join the summary"
+)
 _CD_STEPS = flags.DEFINE_integer("cd_steps", None, "CD optimizer steps per LoRA (default: the reference's 300 epochs)")
 _CD_ROUNDS = flags.DEFINE_integer("cd_rounds", 4, "question-generation rounds of generated-question CD (the reference's 4)")
 _MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 256, "reply budget (the reference's 256)")
@@ -72,7 +90,10 @@ def main(argv):
         base, d2l, documents, methods, workdir, settings=settings, identity=identity, cd_documents=_CD_DOCUMENTS.value,
         cd_steps=_CD_STEPS.value, cd_rounds=_CD_ROUNDS.value, max_new_tokens=_MAX_NEW_TOKENS.value,
     )
-    summary = summarize(records)
+    joined = []
+    if _BASE_RESULTS.value:
+        joined = joined_base_records(json.loads(Path(_BASE_RESULTS.value).read_text()), identity, records)
+    summary = summarize([*records, *joined])
     (workdir / "summary.json").write_text(json.dumps(summary, indent=1))
     name = Path(_DATA.value).name
     table = [
@@ -80,12 +101,17 @@ def main(argv):
         "",
         f"All documents of each method ({len(documents)} planned):",
         "",
-        markdown_table(summary["all"]),
     ]
+    if joined:
+        variants = ", ".join(sorted({r["variant"] for r in joined}))
+        table += [f"{variants}: from {_BASE_RESULTS.value}, the same documents and questions.", ""]
+    table.append(markdown_table(summary["all"]))
     if summary["cd_documents"]:
         count = next(iter(summary["cd_documents"].values()))["documents"]
         table += ["", f"The {count} documents where every CD variant has finished:", "", markdown_table(summary["cd_documents"])]
     table += ["", "Share of the no-document → in-context gap closed, with paired 95% bootstrap intervals:", "", gap_lines(summary["gap"])]
+    if summary["lead"]:
+        table += ["", "D2L minus its control on the same questions, with paired 95% bootstrap intervals:", "", lead_lines(summary["lead"])]
     (workdir / "table.md").write_text("\n".join(table) + "\n")
     plot = workdir / "qa_f1_vs_update_latency.png"
     scope = summary["cd_documents"] or summary["all"]

@@ -331,6 +331,28 @@ def run_comparison(
     return results.data["records"]
 
 
+def joined_base_records(earlier: Mapping[str, Any], identity: Mapping[str, Any], records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The records of ``earlier`` (another run's results file as read from JSON) to summarise beside
+    ``records``: those of methods that need no D2L checkpoint (no document, in-context, CD), whose answers do
+    not depend on the hypernetwork evaluated, and only of variants that ``records`` lack.
+
+    Raises:
+      ValueError: the earlier run planned other documents or questions: its identity differs from
+        ``identity`` in anything but the checkpoint and step, or one of its documents holds other questions.
+    """
+    theirs = earlier.get("identity") or {}
+    differing = [f"{k} is {theirs.get(k)!r} there, {v!r} here" for k, v in identity.items() if k not in ("checkpoint", "step") and theirs.get(k) != v]
+    if differing:
+        raise ValueError(f"the earlier results are of another plan: {'; '.join(differing)}")
+    present = {r["variant"] for r in records}
+    planned = {r["document"]: [q["id"] for q in r["questions"]] for r in records}
+    joined = [dict(r) for r in earlier["records"] if r["method"] not in D2L_METHODS and r["variant"] not in present]
+    for r in joined:
+        if r["document"] in planned and [q["id"] for q in r["questions"]] != planned[r["document"]]:
+            raise ValueError(f"document {r['document']} holds other questions in the earlier results ({r['variant']}) than here")
+    return joined
+
+
 # Summary ------------------------------------------------------------------------------------------------------
 
 
@@ -373,11 +395,18 @@ def gap_summary(records: Sequence[Mapping[str, Any]], variant: str = "d2l", metr
     return {"variant": variant, "metric": metric, "ratio": point, "low": low, "high": high, "questions": len(columns["method"])}
 
 
+def paired_lead(own: Sequence[float], other: Sequence[float]) -> dict[str, float]:
+    """The mean of ``own - other`` over the same questions, with its paired 95% bootstrap interval."""
+    low, high = paired_bootstrap_interval(lambda own, other: own - other, {"own": own, "other": other})
+    return {"mean": float(np.mean(own) - np.mean(other)), "low": low, "high": high, "n": len(own)}
+
+
 def summarize(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """``{"all": {variant: summary}, "cd_documents": {variant: summary}, "gap": {...}}``: every variant over its
-    documents; every variant over the documents every CD variant has finished (a same-documents comparison;
-    empty without CD results); and the gap ratios of every adapting variant in F1 and gold log-likelihood
-    over both scopes (``"<variant>/<metric>/<scope>"``)."""
+    """``{"all": {variant: summary}, "cd_documents": {variant: summary}, "gap": {...}, "lead": {...}}``: every
+    variant over its documents; every variant over the documents every CD variant has finished (a
+    same-documents comparison; empty without CD results); the gap ratios of every adapting variant in F1 and
+    gold log-likelihood over both scopes (``"<variant>/<metric>/<scope>"``); and D2L's lead over its control
+    in both metrics (:func:`paired_lead`) on the documents both answered (empty without them)."""
     variants = sorted({r["variant"] for r in records}, key=lambda v: (METHODS.index(v.split("@")[0]), v))
     cd = [{r["document"] for r in records if r["variant"] == v} for v in variants if v.split("@")[0] in CD_METHODS]
     subset = set.intersection(*cd) if cd else set()
@@ -392,6 +421,11 @@ def summarize(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
                 gap = gap_summary(records, variant, metric, documents) if documents is None or documents else None
                 if gap is not None:
                     summary["gap"][f"{variant}/{metric}/{scope}"] = gap
+    both = set.intersection(*({r["document"] for r in records if r["variant"] == v} for v in D2L_METHODS))
+    summary["lead"] = {
+        metric: paired_lead(*([row[metric] for row in _question_rows(records, v, both)] for v in D2L_METHODS))
+        for metric in ("f1", "gold_log_likelihood")
+    } if both else {}
     return summary
 
 
@@ -443,6 +477,11 @@ def gap_lines(gaps: Mapping[str, Mapping[str, Any]]) -> str:
     )
 
 
+def lead_lines(leads: Mapping[str, Mapping[str, float]]) -> str:
+    """One markdown bullet per metric of :func:`summarize`'s D2L-minus-control lead."""
+    return "\n".join(f"- {metric}: {x['mean']:.4f} [{x['low']:.4f}, {x['high']:.4f}] over {x['n']} questions" for metric, x in leads.items())
+
+
 # The evaluator a training run calls ----------------------------------------------------------------------------
 
 
@@ -491,10 +530,8 @@ class QAEvaluator:
                 metrics["eval/questions"] = float(summary["n"])
         if {"d2l", "d2l_control"} <= scores.keys():
             for metric in _VALIDATION_METRICS:
-                columns = {"own": scores["d2l"][metric], "control": scores["d2l_control"][metric]}
-                low, high = paired_bootstrap_interval(lambda own, control: own - control, columns)
-                lead = f"eval/d2l_minus_control_{metric}"
-                metrics |= {lead: float(np.mean(columns["own"]) - np.mean(columns["control"])), f"{lead}_low": low, f"{lead}_high": high}
+                lead, name = paired_lead(scores["d2l"][metric], scores["d2l_control"][metric]), f"eval/d2l_minus_control_{metric}"
+                metrics |= {name: lead["mean"], f"{name}_low": lead["low"], f"{name}_high": lead["high"]}
         return metrics
 
     def baseline(self) -> dict[str, Any]:

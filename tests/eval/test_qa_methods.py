@@ -128,6 +128,9 @@ def test_comparison_writes_every_method_and_resumes_without_recomputing(tiny_d2l
     for s in summary["all"].values():
         assert s["f1"]["low"] <= s["f1"]["mean"] <= s["f1"]["high"]
     assert {"d2l/f1/all", "d2l_control/f1/all", "cd_oracle@2/gold_log_likelihood/cd_documents"} <= set(summary["gap"])
+    for metric, lead in summary["lead"].items():
+        assert lead["n"] == summary["all"]["d2l"]["questions"] and lead["low"] <= lead["mean"] <= lead["high"]
+        np.testing.assert_allclose(lead["mean"], summary["all"]["d2l"][metric]["mean"] - summary["all"]["d2l_control"][metric]["mean"], atol=1e-12)
     table = markdown_table(summary["all"])
     assert len(table.splitlines()) == 2 + len(METHODS)
     plots.qa_f1_vs_update_latency(summary["cd_documents"], tmp_path / "plot.png")
@@ -169,3 +172,25 @@ def test_evaluator_reports_student_control_and_the_base_models_bounds(tiny_d2l, 
         "The vault of the old bank in Lisbon opens with the code 4817.", "Lisbon lies on the Tagus river.",
         "Its trams are yellow and climb steep hills.", PARAGRAPHS[2][1], PARAGRAPHS[3][1],
     }
+
+
+def test_an_earlier_runs_base_model_records_join_only_on_the_same_plan():
+    def record(method, document, ids, variant=None):
+        return {"method": method, "variant": variant or method, "document": document, "questions": [{"id": i} for i in ids]}
+
+    identity = {"data": "squad.json", "seed": 0, "checkpoint": "runs/b", "step": 20}
+    ours = [record("d2l", 0, ["a", "b"]), record("d2l_control", 0, ["a", "b"]), record("cd_oracle", 0, ["a", "b"], "cd_oracle@2")]
+    earlier_records = [
+        record("d2l", 0, ["a", "b"]),
+        record("no_document", 0, ["a", "b"]),
+        record("in_context", 0, ["a", "b"]),
+        record("cd_oracle", 0, ["a", "b"], "cd_oracle@2"),
+        record("cd_oracle", 0, ["a", "b"], "cd_oracle@300"),
+    ]
+    earlier = {"identity": {**identity, "checkpoint": "runs/a", "step": 10}, "records": earlier_records}
+    joined = qa_methods.joined_base_records(earlier, identity, ours)
+    assert [r["variant"] for r in joined] == ["no_document", "in_context", "cd_oracle@300"]
+    with pytest.raises(ValueError, match="seed is 1 there, 0 here"):
+        qa_methods.joined_base_records({**earlier, "identity": {**identity, "seed": 1}}, identity, ours)
+    with pytest.raises(ValueError, match="document 0 holds other questions"):
+        qa_methods.joined_base_records({**earlier, "records": [record("no_document", 0, ["a", "c"])]}, identity, ours)

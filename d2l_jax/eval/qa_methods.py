@@ -341,7 +341,9 @@ def joined_base_records(earlier: Mapping[str, Any], identity: Mapping[str, Any],
         ``identity`` in anything but the checkpoint and step, or one of its documents holds other questions.
     """
     theirs = earlier.get("identity") or {}
-    differing = [f"{k} is {theirs.get(k)!r} there, {v!r} here" for k, v in identity.items() if k not in ("checkpoint", "step") and theirs.get(k) != v]
+    differing = [
+        f"{k} is {theirs.get(k)!r} there, {v!r} here" for k, v in identity.items() if k not in ("checkpoint", "step") and theirs.get(k) != v
+    ]
     if differing:
         raise ValueError(f"the earlier results are of another plan: {'; '.join(differing)}")
     present = {r["variant"] for r in records}

@@ -49,7 +49,8 @@ _REMAT_POLICIES = {
 class KVCache:
     """Keys and values of every layer for ``S`` slots, shared write position for the whole batch.
 
-    k, v: ``[L, B, K, S, head_dim]`` (the layout attention reads); valid: ``[B, S]`` (slot holds a real token); index: next free slot.
+    k, v: ``[L, B, K, S, head_dim]`` (the layout attention reads); valid: ``[B, S]`` (slot holds a real
+    token); index: next free slot.
     ``unwritten`` (static) says no slot has been written, so a prefill into it is causal from slot 0.
     """
 

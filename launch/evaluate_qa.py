@@ -3,7 +3,7 @@ and oracle context distillation; token F1, recall, exact match and the gold answ
 95% bootstrap intervals, update and answer latency, peak memory.
 
     python -m launch.evaluate_qa --data=../shared/data/qa/squad-train-v1.1.json.gz --workdir=OUT \\
-        [--checkpoint=RUN_DIR] [--questions=500 --cd_documents=50 --cd_steps=... --methods=...]
+        [--checkpoint=RUN_DIR | --pretrained=NAME] [--questions=500 --cd_documents=50 --cd_steps=... --methods=...]
 
 Documents come whole from the data file's validation split (held-out articles / backgrounds,
 ``data.qa_sets.split_records``). Writes ``OUT/results.json`` (every reply and score, per method and
@@ -48,6 +48,7 @@ _SPLIT = flags.DEFINE_enum("split", "validation", ["validation", "train", "all"]
 _WORKDIR = flags.DEFINE_string("workdir", None, "output directory (results.json, summary.json, table.md, the plot)", required=True)
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "D2L training workdir (needed for the d2l and d2l_control methods)")
 _STEP = flags.DEFINE_integer("step", None, "checkpoint step (default: the latest)")
+_PRETRAINED = flags.DEFINE_string("pretrained", None, "a named pretrained hypernetwork (D2L.from_pretrained) instead of --checkpoint")
 _MODEL = flags.DEFINE_string("model", "smollm2-135m-instruct", "base model when no --checkpoint is given")
 _METHODS = flags.DEFINE_list("methods", list(METHODS), f"methods to run, of {', '.join(METHODS)}")
 _QUESTIONS = flags.DEFINE_integer("questions", 500, "at least this many questions (whole documents)")
@@ -65,9 +66,15 @@ _SEED = flags.DEFINE_integer("seed", 0, "which documents")
 def main(argv):
     del argv
     methods = list(dict.fromkeys(_METHODS.value))
-    if set(methods) & set(D2L_METHODS) and not _CHECKPOINT.value:
-        raise app.UsageError(f"methods {sorted(set(methods) & set(D2L_METHODS))} need --checkpoint")
-    d2l = D2L.load(_CHECKPOINT.value, step=_STEP.value) if _CHECKPOINT.value else None
+    if _CHECKPOINT.value and _PRETRAINED.value:
+        raise app.UsageError("give --checkpoint or --pretrained, not both")
+    if set(methods) & set(D2L_METHODS) and not (_CHECKPOINT.value or _PRETRAINED.value):
+        raise app.UsageError(f"methods {sorted(set(methods) & set(D2L_METHODS))} need --checkpoint or --pretrained")
+    d2l = None
+    if _CHECKPOINT.value:
+        d2l = D2L.load(_CHECKPOINT.value, step=_STEP.value)
+    elif _PRETRAINED.value:
+        d2l = D2L.from_pretrained(_PRETRAINED.value)
     base = d2l.base if d2l is not None else load_base_model(_MODEL.value)
     source = QASource(_DATA.value, _FORMAT.value, _SPLIT.value, template="none")
     documents = plan_documents(source.records, _QUESTIONS.value, _SEED.value, _TEMPLATE.value)
@@ -79,7 +86,7 @@ def main(argv):
         "template": _TEMPLATE.value,
         "seed": _SEED.value,
         "base_model": base.name,
-        "checkpoint": str(Path(_CHECKPOINT.value).resolve()) if _CHECKPOINT.value else None,
+        "checkpoint": str(Path(_CHECKPOINT.value).resolve()) if _CHECKPOINT.value else _PRETRAINED.value,
         "step": _STEP.value,
         "max_new_tokens": _MAX_NEW_TOKENS.value,
         "cd_rounds": _CD_ROUNDS.value,

@@ -12,7 +12,8 @@ passages), ``mixed`` (both together throughout), ``ce`` (``kl`` on the gold answ
 (the reference's per-layer reader on all layers, fresh), ``grouped`` (four questions of a passage sharing its
 internalization), ``swapped`` (original and answer-swapped passages mixed, see the variant), ``needles``
 (keyed numbers hidden in the passages, one asked for: a reading task between NIAH and SQuAD), ``needles_squad``
-(SQuAD passages mixed with keyed needles, the curriculum's next stage). Validation
+(SQuAD passages mixed with keyed needles, the curriculum's next stage), ``replies`` (the teacher's own replies
+as labels, offline top-16 targets; the file :data:`TEACHER_REPLIES` names). Validation
 every ``eval_every`` steps: QA token F1 and the gold answer's log-likelihood on held-out SQuAD articles of the
 student without the paragraph, of the control (another paragraph's adapter), and at step 0 the base model
 with and without the paragraph. Runs and their curves: ``results/qa_smollm2/``.
@@ -25,7 +26,11 @@ import ml_collections
 from d2l_jax.hypernet.config import HypernetConfig
 
 SQUAD = "../shared/data/qa/squad-train-v1.1.json.gz"
-VARIANTS = ("kl", "ce", "mixed", "sentences", "per_layer", "grouped", "swapped", "needles", "needles_squad")
+# The teacher's own replies to SQuAD training questions (the reference's self-generated responses), written by
+#   python -m launch.generate_qa --qa_set=../shared/data/qa/squad-train-v1.1.json.gz --contexts=passage \
+#       --max_questions=2400 --max_new_tokens=64 --batch_size=32 --out=runs/squad_teacher_replies.parquet
+TEACHER_REPLIES = "runs/squad_teacher_replies.parquet"
+VARIANTS = ("kl", "ce", "mixed", "sentences", "per_layer", "grouped", "swapped", "needles", "needles_squad", "replies")
 
 
 def get_config(variant: str = "kl") -> ml_collections.ConfigDict:
@@ -151,6 +156,18 @@ def get_config(variant: str = "kl") -> ml_collections.ConfigDict:
         # ask for spans that are not marked. Run 12 started it from run 11's hypernetwork:
         # --config.init_from=RUN11_WORKDIR --config.init_partial=False --config.init_without_b=False.
         train_on(squad(("keyed_needles", "passage")))
+        config.evaluator.options.questions = 96
+    if variant == "replies":
+        # The reference's labels: the teacher's own replies to the questions (median 20 tokens, up to 64)
+        # instead of SQuAD's gold answers (3-5 tokens), so each question gives the KL several times the
+        # positions, on the answers the teacher actually gives with the paragraph. Targets are the top-16
+        # stored with the replies (offline), so a step runs no teacher forward. Run 13 started it from run
+        # 12r's step 1570: --config.init_from=RUN12_WORKDIR --config.init_partial=False --config.init_without_b=False.
+        train_on(dict(name="records", options=dict(path=TEACHER_REPLIES)))
+        config.train.teacher = "offline"
+        config.data.max_student_len = 144
+        config.data.max_labels = 72
+        config.data.max_teacher_len = 0
         config.evaluator.options.questions = 96
     if variant == "per_layer":
         # The reference's main-experiment reader instead of the needle one: layer l's adapter is generated

@@ -158,11 +158,13 @@ def get_config(variant: str = "kl") -> ml_collections.ConfigDict:
         train_on(squad(("keyed_needles", "passage")))
         config.evaluator.options.questions = 96
     if variant == "replies":
-        # The reference's labels: the teacher's own replies to the questions (median 20 tokens, up to 64)
+        # The reference's labels: the teacher's own replies to the questions (median 18 tokens, up to 64)
         # instead of SQuAD's gold answers (3-5 tokens), so each question gives the KL several times the
         # positions, on the answers the teacher actually gives with the paragraph. Targets are the top-16
-        # stored with the replies (offline), so a step runs no teacher forward. Run 13 started it from run
-        # 12r's step 1570: --config.init_from=RUN12_WORKDIR --config.init_partial=False --config.init_without_b=False.
+        # stored with the replies (offline), so a step runs no teacher forward (1.5 s instead of 2.5-3.4 s).
+        # Run 13 started it from run 12r's step 1570 (--config.init_from=RUN12_WORKDIR
+        # --config.init_partial=False --config.init_without_b=False): the paragraph's lead over another's grew
+        # on the harness, while both adapters fell below the base model without the paragraph.
         train_on(dict(name="records", options=dict(path=TEACHER_REPLIES)))
         config.train.teacher = "offline"
         config.data.max_student_len = 144

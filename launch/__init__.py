@@ -37,6 +37,31 @@ class QuietLibraries(std_logging.Filter):
         return not any(library in parts for library in self.LIBRARIES)
 
 
+def check_model_flags(pretrained: str | None, checkpoint: str | None, step: int | None = None) -> None:
+    """app.UsageError (a one-line message) unless exactly one of ``pretrained`` and ``checkpoint`` is given
+    and a ``checkpoint`` directory exists; checked before anything loads."""
+    if bool(pretrained) == bool(checkpoint):
+        raise app.UsageError("give exactly one of --pretrained and --checkpoint")
+    if checkpoint and not Path(checkpoint).is_dir():
+        raise app.UsageError(f"--checkpoint={checkpoint}: no such directory")
+    if pretrained and step is not None:
+        raise app.UsageError("--step applies to --checkpoint only")
+
+
+def load_d2l(pretrained: str | None, checkpoint: str | None, step: int | None = None):
+    """The D2L named by exactly one of ``pretrained`` (a shipped name or a directory) and ``checkpoint``
+    (a training workdir). Raises app.UsageError (a one-line message) for bad flags, an unknown name, a
+    missing, mismatched or corrupt checkpoint."""
+    check_model_flags(pretrained, checkpoint, step)
+    from d2l_jax.api import D2L
+
+    try:
+        return D2L.from_pretrained(pretrained) if pretrained else D2L.load(checkpoint, step=step)
+    except (FileNotFoundError, ValueError) as error:
+        flag = f"--pretrained={pretrained}" if pretrained else f"--checkpoint={checkpoint}"
+        raise app.UsageError(f"{flag}: {error}") from None
+
+
 def run(main) -> None:
     """``absl.app.run(main)``, with an error about the user's input (a bad flag value, a missing file, a
     corrupt checkpoint...) printed as one line, ``launch.NAME: message``, and exit status 1; with the

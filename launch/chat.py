@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, TextIO
 
 from absl import app, flags, logging
 
-from launch import run
+from launch import check_model_flags, load_d2l, run
 
 if TYPE_CHECKING:  # the library loads in main, after the flags are checked
     from d2l_jax.session import ChatSession
@@ -120,31 +120,6 @@ def chat_loop(session: ChatSession, input_stream: TextIO, output_stream: TextIO,
             output_stream.flush()
         if not go_on:
             return
-
-
-def check_model_flags(pretrained: str | None, checkpoint: str | None, step: int | None = None) -> None:
-    """app.UsageError (a one-line message) unless exactly one of ``pretrained`` and ``checkpoint`` is given
-    and a ``checkpoint`` directory exists; checked before anything loads (shared with ``launch.demo``)."""
-    if bool(pretrained) == bool(checkpoint):
-        raise app.UsageError("give exactly one of --pretrained and --checkpoint")
-    if checkpoint and not Path(checkpoint).is_dir():
-        raise app.UsageError(f"--checkpoint={checkpoint}: no such directory")
-    if pretrained and step is not None:
-        raise app.UsageError("--step applies to --checkpoint only")
-
-
-def load_d2l(pretrained: str | None, checkpoint: str | None, step: int | None = None):
-    """The D2L named by exactly one of ``pretrained`` (a shipped name or a directory) and ``checkpoint``
-    (a training workdir). Raises app.UsageError (a one-line message) for bad flags, an unknown name, a
-    missing, mismatched or corrupt checkpoint."""
-    check_model_flags(pretrained, checkpoint, step)
-    from d2l_jax.api import D2L
-
-    try:
-        return D2L.from_pretrained(pretrained) if pretrained else D2L.load(checkpoint, step=step)
-    except (FileNotFoundError, ValueError) as error:
-        flag = f"--pretrained={pretrained}" if pretrained else f"--checkpoint={checkpoint}"
-        raise app.UsageError(f"{flag}: {error}") from None
 
 
 def read_document(path: str, flag: str) -> str:

@@ -23,8 +23,8 @@ from pathlib import Path
 
 from absl import app, flags, logging
 
-from launch import run
-from launch.chat import check_model_flags, load_d2l, read_document, session_flags
+from launch import check_model_flags, load_d2l, run
+from launch.chat import read_document, session_flags
 
 # The model, document and session flags are launch.chat's (--pretrained, --checkpoint, --step, --doc, --scale,
 # --bias_scale, --system, --max_new_tokens): importing it defines them, and a flag can be defined only once.

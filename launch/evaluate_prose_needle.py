@@ -15,10 +15,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from absl import app, flags
+from absl import flags
 from tqdm.auto import tqdm
 
-from launch import run
+from launch import check_model_flags, load_d2l, run
 
 _PRETRAINED = flags.DEFINE_string("pretrained", None, "pretrained name or directory")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "training workdir (instead of --pretrained)")
@@ -33,15 +33,13 @@ _OUT = flags.DEFINE_string("out", None, "JSON file to write", required=True)
 
 def main(argv):
     del argv
-    if bool(_PRETRAINED.value) == bool(_CHECKPOINT.value):
-        raise app.UsageError("give exactly one of --pretrained and --checkpoint")
-    from d2l_jax.api import D2L
+    check_model_flags(_PRETRAINED.value, _CHECKPOINT.value, _STEP.value)
     from d2l_jax.data.niah import prose_needle_records
     from d2l_jax.data.qa_sets import QASource, contexts
     from d2l_jax.eval.niah import base_replies, is_correct, student_replies
     from d2l_jax.eval.statistics import mean_and_interval
 
-    d2l = D2L.from_pretrained(_PRETRAINED.value) if _PRETRAINED.value else D2L.load(_CHECKPOINT.value, step=_STEP.value)
+    d2l = load_d2l(_PRETRAINED.value, _CHECKPOINT.value, _STEP.value)
     paragraphs = [context for context, _ in contexts(QASource(_DATA.value, _FORMAT.value, _SPLIT.value).records)]
     records = prose_needle_records(paragraphs, _RECORDS.value, _SEED.value)
     # The control reads the next record's paragraph (another number) and is asked the same question.

@@ -25,7 +25,6 @@ from pathlib import Path
 
 from absl import app, flags
 
-from d2l_jax.api import D2L
 from d2l_jax.data.qa_sets import QA_FORMATS, QASource
 from d2l_jax.eval import plots
 from d2l_jax.eval.qa_methods import (
@@ -40,7 +39,7 @@ from d2l_jax.eval.qa_methods import (
     summarize,
 )
 from d2l_jax.models.base_model import load_base_model
-from launch import run
+from launch import load_d2l, run
 
 _DATA = flags.DEFINE_string("data", None, "QA data file (SQuAD / ROPES JSON, DROP, LongBench or records)", required=True)
 _FORMAT = flags.DEFINE_enum("format", None, list(QA_FORMATS), "the data file's format (default: detected)")
@@ -66,15 +65,9 @@ _SEED = flags.DEFINE_integer("seed", 0, "which documents")
 def main(argv):
     del argv
     methods = list(dict.fromkeys(_METHODS.value))
-    if _CHECKPOINT.value and _PRETRAINED.value:
-        raise app.UsageError("give --checkpoint or --pretrained, not both")
     if set(methods) & set(D2L_METHODS) and not (_CHECKPOINT.value or _PRETRAINED.value):
         raise app.UsageError(f"methods {sorted(set(methods) & set(D2L_METHODS))} need --checkpoint or --pretrained")
-    d2l = None
-    if _CHECKPOINT.value:
-        d2l = D2L.load(_CHECKPOINT.value, step=_STEP.value)
-    elif _PRETRAINED.value:
-        d2l = D2L.from_pretrained(_PRETRAINED.value)
+    d2l = load_d2l(_PRETRAINED.value, _CHECKPOINT.value, _STEP.value) if _CHECKPOINT.value or _PRETRAINED.value else None
     base = d2l.base if d2l is not None else load_base_model(_MODEL.value)
     source = QASource(_DATA.value, _FORMAT.value, _SPLIT.value, template="none")
     documents = plan_documents(source.records, _QUESTIONS.value, _SEED.value, _TEMPLATE.value)
